@@ -1,0 +1,41 @@
+"""fdp: functional data parallelism for PyTorch.
+
+Pure functions, explicit state, named-axis collectives, and proofs of equivalence with
+single-device training. See ``docs/index.md``.
+"""
+
+from fdp import tree
+from fdp._collectives import all_gather, axis_index, axis_size, pmax, pmean, pmin, psum
+from fdp._functionalize import Model, functionalize
+from fdp._grad import SplitLoss, split_loss, value_and_grad
+from fdp._layout import Layout, Sharded
+from fdp._mesh import Mesh
+from fdp._pmap import pmap
+from fdp._primitives import all_reduce, gather, replicate, scatter, unreplicate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Layout",
+    "Mesh",
+    "Model",
+    "Sharded",
+    "SplitLoss",
+    "all_gather",
+    "all_reduce",
+    "axis_index",
+    "axis_size",
+    "functionalize",
+    "gather",
+    "pmap",
+    "pmax",
+    "pmean",
+    "pmin",
+    "psum",
+    "replicate",
+    "scatter",
+    "split_loss",
+    "tree",
+    "unreplicate",
+    "value_and_grad",
+]

@@ -1,0 +1,236 @@
+"""Named-axis collectives for use inside :func:`fdp.pmap` (vmap backend).
+
+Each :func:`fdp.pmap` call binds an *axis frame* for the duration of the mapped function: its
+name, size, and ``index``, a tensor that holds the replica index and is batched at exactly that
+pmap's vmap level. A collective is an ``autograd.Function`` whose operands are the value and that
+index. functorch calls the custom ``vmap`` rule at every vmap level where some operand is batched:
+
+* at a level where only the value is batched (a vmap nested inside the pmap), the rule passes
+  the value through, one level down;
+* at the frame's own level the index is batched, so the rule reduces over the value's batch dim,
+  or, when the value is not batched there (a replicated value, such as a constant), uses the
+  closed form (``psum(x) = N * x``). This is what makes ``psum(1.0) == N``, not ``1``.
+
+The reductions at the frame's level are ordinary differentiable torch ops, so ``grad`` outside
+the pmap sees the right transpose; ``backward`` covers ``grad`` inside the pmap
+(``psum`` transposes to ``psum``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+__all__ = ["all_gather", "axis_index", "axis_size", "pmax", "pmean", "pmin", "psum"]
+
+
+@dataclass(frozen=True)
+class AxisFrame:
+    name: str
+    size: int
+    index: torch.Tensor
+
+
+_state = threading.local()
+
+
+def _frames() -> list[AxisFrame]:
+    if not hasattr(_state, "frames"):
+        _state.frames = []
+    return _state.frames
+
+
+@contextmanager
+def bind_axis(frame: AxisFrame) -> Iterator[None]:
+    frames = _frames()
+    frames.append(frame)
+    try:
+        yield
+    finally:
+        frames.pop()
+
+
+def lookup(axis_name: Any, fn: str) -> AxisFrame:
+    if not isinstance(axis_name, str):
+        raise TypeError(f"{fn}: axis_name must be a str, got {type(axis_name).__name__}")
+    frames = _frames()
+    for frame in reversed(frames):
+        if frame.name == axis_name:
+            return frame
+    if not frames:
+        raise ValueError(
+            f"{fn}: axis name {axis_name!r} is not bound: collectives only work inside a "
+            f"function mapped with fdp.pmap(fn, mesh, axis_name={axis_name!r})"
+        )
+    bound = tuple(f.name for f in reversed(frames))
+    raise ValueError(f"{fn}: unknown axis name {axis_name!r}; bound axis names: {bound}")
+
+
+def _guard_compile(fn: str) -> None:
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"fdp.{fn} cannot be traced by torch.compile: the compiler drops custom vmap "
+            f"rules (pytorch#129845) and would silently skip the collective. Compile the "
+            f"fused step (fdp.value_and_grad) instead, or keep the pmap with collectives eager."
+        )
+
+
+def _reduce(op: str, x: torch.Tensor, dim: int | None, n: int) -> torch.Tensor:
+    if dim is None:  # replicated value: closed form
+        if op == "sum":
+            return x * n
+        return x.clone()
+    if op == "sum":
+        return x.sum(dim)
+    if op == "mean":
+        return x.mean(dim)
+    if op == "max":
+        return x.amax(dim)
+    return x.amin(dim)
+
+
+class _AllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(x: torch.Tensor, index: torch.Tensor, op: str, n: int) -> torch.Tensor:
+        raise RuntimeError("fdp internal error: collective evaluated outside its vmap level")
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        x, index, op, n = inputs
+        ctx.index, ctx.op, ctx.n = index, op, n
+        if op in ("max", "min"):
+            ctx.save_for_backward(x, output)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple:
+        if ctx.op in ("sum", "mean"):
+            return _AllReduce.apply(g, ctx.index, ctx.op, ctx.n), None, None, None
+        x, y = ctx.saved_tensors
+        hit = (x == y).to(g.dtype)
+        total = _AllReduce.apply(g, ctx.index, "sum", ctx.n)
+        ties = _AllReduce.apply(hit, ctx.index, "sum", ctx.n)
+        return total * hit / ties, None, None, None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, x: torch.Tensor, index: torch.Tensor, op: str, n: int):
+        x_dim, index_dim = in_dims[0], in_dims[1]
+        if index_dim is None:  # a vmap level inside the pmap: pass through
+            return _AllReduce.apply(x, index, op, n), x_dim
+        return _reduce(op, x, x_dim, n), None
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(x: torch.Tensor, index: torch.Tensor, axis: int, n: int) -> torch.Tensor:
+        raise RuntimeError("fdp internal error: collective evaluated outside its vmap level")
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        _, ctx.index, ctx.axis, ctx.n = inputs
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple:
+        total = _AllReduce.apply(g, ctx.index, "sum", ctx.n)
+        own = total.index_select(ctx.axis, ctx.index.reshape(1)).squeeze(ctx.axis)
+        return own, None, None, None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, x: torch.Tensor, index: torch.Tensor, axis: int, n: int):
+        x_dim, index_dim = in_dims[0], in_dims[1]
+        if index_dim is None:  # a vmap level inside the pmap: keep its batch dim in front
+            return _AllGather.apply(x.movedim(x_dim, 0), index, axis + 1, n), 0
+        if x_dim is None:
+            return torch.stack([x] * n, axis), None
+        return x.movedim(x_dim, axis), None
+
+
+def _tree_collective(tree: Any, fn: str, leaf_op: Any) -> Any:
+    def apply(leaf: Any) -> Any:
+        if not isinstance(leaf, torch.Tensor):
+            leaf = torch.as_tensor(leaf)
+        return leaf_op(leaf)
+
+    return pytree.tree_map(apply, tree)
+
+
+def _all_reduce(tree: Any, axis_name: str, op: str, fn: str) -> Any:
+    frame = lookup(axis_name, fn)
+    _guard_compile(fn)
+
+    def leaf_op(x: torch.Tensor) -> torch.Tensor:
+        if op == "mean" and not (x.is_floating_point() or x.is_complex()):
+            raise TypeError(f"{fn}: needs a floating-point value, got {x.dtype}; cast it first")
+        return _AllReduce.apply(x, frame.index, op, frame.size)
+
+    return _tree_collective(tree, fn, leaf_op)
+
+
+def psum(x: Any, axis_name: str) -> Any:
+    """Sums a value (a pytree) over the replicas of ``axis_name``; every replica gets the sum.
+
+    Differentiable: its transpose is ``psum`` of the cotangents.
+
+    Example:
+        >>> mesh = fdp.Mesh(4)
+        >>> fdp.pmap(lambda x: fdp.psum(x, "dp"), mesh)(torch.arange(4.0))
+        tensor([6., 6., 6., 6.])
+    """
+    return _all_reduce(x, axis_name, "sum", "psum")
+
+
+def pmean(x: Any, axis_name: str) -> Any:
+    """Mean of a value over the replicas of ``axis_name`` (see :func:`psum`)."""
+    return _all_reduce(x, axis_name, "mean", "pmean")
+
+
+def pmax(x: Any, axis_name: str) -> Any:
+    """Maximum over the replicas; the gradient is shared equally among tied replicas."""
+    return _all_reduce(x, axis_name, "max", "pmax")
+
+
+def pmin(x: Any, axis_name: str) -> Any:
+    """Minimum over the replicas; the gradient is shared equally among tied replicas."""
+    return _all_reduce(x, axis_name, "min", "pmin")
+
+
+def all_gather(x: Any, axis_name: str, axis: int = 0, tiled: bool = False) -> Any:
+    """Gathers every replica's value: a new axis ``axis`` of size N (or concatenated if tiled).
+
+    Example:
+        >>> mesh = fdp.Mesh(3)
+        >>> fdp.pmap(lambda x: fdp.all_gather(x, "dp"), mesh, out_axes=None)(torch.arange(3.0))
+        tensor([0., 1., 2.])
+    """
+    frame = lookup(axis_name, "all_gather")
+    _guard_compile("all_gather")
+
+    def leaf_op(v: torch.Tensor) -> torch.Tensor:
+        if not -v.dim() - 1 <= axis <= v.dim():
+            raise ValueError(
+                f"all_gather: axis={axis} is out of range for a value with {v.dim()} dims"
+            )
+        ax = axis % (v.dim() + 1)
+        out = _AllGather.apply(v, frame.index, ax, frame.size)
+        return out.flatten(ax, ax + 1) if tiled else out
+
+    if tiled:
+        for leaf in pytree.tree_leaves(x):
+            if isinstance(leaf, torch.Tensor) and leaf.dim() == 0:
+                raise ValueError("all_gather: tiled=True needs values with at least one dim")
+    return _tree_collective(x, "all_gather", leaf_op)
+
+
+def axis_index(axis_name: str) -> torch.Tensor:
+    """This replica's index along ``axis_name`` (an int64 scalar tensor)."""
+    return lookup(axis_name, "axis_index").index
+
+
+def axis_size(axis_name: str) -> int:
+    """The number of replicas along ``axis_name``."""
+    return lookup(axis_name, "axis_size").size

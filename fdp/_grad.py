@@ -1,0 +1,160 @@
+"""``fdp.value_and_grad``: the single-device loss and gradient, computed data-parallel."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+from fdp import _check
+from fdp._layout import Layout, Sharded, SplitRule, split_sizes
+from fdp._mesh import Mesh
+from fdp._primitives import batch_size
+
+__all__ = ["SplitLoss", "split_loss", "value_and_grad"]
+
+_STRATEGIES = ("weighted", "gather")
+_REDUCTIONS = ("mean", "sum")
+
+
+class SplitLoss(NamedTuple):
+    """A loss written as a per-example ``forward`` and a ``criterion`` on the whole batch.
+
+    Calling it is the single-device loss ``criterion(forward(params, batch), batch)``; the
+    ``"gather"`` strategy of :func:`value_and_grad` runs ``forward`` per replica and
+    ``criterion`` once on the gathered outputs.
+    """
+
+    forward: Callable[[Any, Any], Any]
+    criterion: Callable[[Any, Any], Any]
+
+    def __call__(self, params: Any, batch: Any) -> Any:
+        return self.criterion(self.forward(params, batch), batch)
+
+
+def split_loss(
+    forward: Callable[[Any, Any], Any], criterion: Callable[[Any, Any], Any]
+) -> SplitLoss:
+    """Builds a :class:`SplitLoss` (needed by ``value_and_grad(..., strategy="gather")``)."""
+    _check.callable_(forward, "split_loss", "forward")
+    _check.callable_(criterion, "split_loss", "criterion")
+    return SplitLoss(forward, criterion)
+
+
+@dataclass(frozen=True)
+class GradPlan:
+    """Everything a backend needs to compute one data-parallel loss and gradient."""
+
+    loss: Callable[..., Any]
+    strategy: str
+    has_aux: bool
+    reduction: str
+    layout: Layout
+    out_dim: int
+
+    def call_loss(self, params: Any, shard: Any) -> Any:
+        return _checked_loss(self.loss(params, shard), self.has_aux, "loss_fn")
+
+    def call_criterion(self, outputs: Any, batch: Any) -> Any:
+        return _checked_loss(self.loss.criterion(outputs, batch), self.has_aux, "criterion")
+
+
+def _checked_loss(out: Any, has_aux: bool, name: str) -> Any:
+    if has_aux:
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(f"value_and_grad: with has_aux=True, {name} must return "
+                            f"(loss, aux), got {type(out).__name__}")
+        loss = out[0]
+    else:
+        loss = out
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"value_and_grad: {name} must return a scalar loss per replica, got "
+                         f"{shape}; reduce it (e.g. .mean()), or return (loss, aux) with "
+                         f"has_aux=True")
+    if not loss.is_floating_point():
+        raise TypeError(f"value_and_grad: {name} returned a {loss.dtype} loss; it must be "
+                        f"floating point")
+    return out
+
+
+def value_and_grad(
+    loss_fn: Callable[[Any, Any], Any],
+    mesh: Mesh,
+    has_aux: bool = False,
+    *,
+    strategy: str = "weighted",
+    split: SplitRule = "chunk",
+    dim: int = 0,
+    reduction: str = "mean",
+) -> Callable[[dict[str, torch.Tensor], Any], tuple[Any, dict[str, torch.Tensor]]]:
+    """Data-parallel loss and gradient that equal the single-device ones for any batch and mesh.
+
+    ``loss_fn(params, batch)`` is the loss you would write for one device. The returned function
+    takes ``(params, batch)`` with the full batch, splits it by ``split`` and returns ``(loss, grads)`` (``((loss, aux), grads)`` with ``has_aux``), where ``loss`` and
+    ``grads`` are those of ``loss_fn(params, batch)`` up to float rounding.
+
+    Args:
+        loss_fn: the single-device loss. With ``strategy="gather"`` it must be a
+            :class:`SplitLoss` (see :func:`split_loss`).
+        mesh: the mesh.
+        has_aux: ``loss_fn`` returns ``(loss, aux)``. With ``"weighted"``, ``aux`` comes back
+            stacked over the replicas that received rows; with ``"gather"`` it is the
+            criterion's.
+        strategy: ``"weighted"`` (each replica's loss weighted by its real row count, then
+            summed over replicas: DDP/JAX semantics; exact when the loss is a mean — or with
+            ``reduction="sum"`` a sum — of per-example terms) or ``"gather"`` (forward per
+            replica, outputs gathered, one criterion: ``nn.DataParallel`` semantics; exact for
+            any criterion).
+        split: how a full batch is split (see :func:`fdp.scatter`).
+        dim: the batch dimension of every tensor in the batch (and of the forward's outputs
+            for ``"gather"``).
+        reduction: ``"mean"`` or ``"sum"``: how ``loss_fn`` reduces over examples (weighted).
+
+    Example:
+        >>> model = fdp.functionalize(torch.nn.Linear(3, 1))
+        >>> def loss_fn(params, batch):
+        ...     out, _ = model.apply(params, model.buffers, batch["x"])
+        ...     return ((out - batch["y"]) ** 2).mean()
+        >>> batch = {"x": torch.randn(5, 3), "y": torch.randn(5, 1)}
+        >>> loss, grads = fdp.value_and_grad(loss_fn, fdp.Mesh(2))(model.params, batch)
+        >>> sorted(grads)
+        ['bias', 'weight']
+    """
+    _check.callable_(loss_fn, "value_and_grad", "loss_fn")
+    _check.mesh(mesh, "value_and_grad")
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"value_and_grad: unknown strategy={strategy!r}; use one of "
+                         f"{_STRATEGIES}")
+    if strategy == "gather" and not isinstance(loss_fn, SplitLoss):
+        raise TypeError("value_and_grad: strategy='gather' needs the loss split into a "
+                        "per-example forward and a criterion: "
+                        "loss_fn=fdp.split_loss(forward, criterion)")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"value_and_grad: unknown reduction={reduction!r}; use one of "
+                         f"{_REDUCTIONS}")
+    _check.integer(dim, "value_and_grad", "dim")
+    if isinstance(split, str):
+        split_sizes(1, 1, split, "value_and_grad")  # validates the rule's name eagerly
+
+    def run(params: dict[str, torch.Tensor], batch: Any) -> tuple[Any, dict]:
+        _check.param_dict(params, "value_and_grad")
+        for key, value in params.items():
+            if not value.is_floating_point():
+                raise TypeError(f"value_and_grad: params[{key!r}] is {value.dtype}; gradients "
+                                f"need floating-point parameters")
+        layout, batch = _resolve_batch(batch, mesh, split, dim)
+        plan = GradPlan(loss_fn, strategy, has_aux, reduction, layout, dim)
+        return mesh.impl.value_and_grad(plan, params, batch)
+
+    return run
+
+
+def _resolve_batch(batch: Any, mesh: Mesh, split: SplitRule, dim: int) -> tuple[Layout, Any]:
+    if isinstance(batch, Sharded):
+        raise TypeError("value_and_grad: pass the full batch, not fdp.scatter's output; "
+                        "choose the split with value_and_grad(..., split=...)")
+    rows = batch_size(batch, dim, "value_and_grad")
+    return Layout(split_sizes(rows, mesh.size, split, "value_and_grad"), dim), batch

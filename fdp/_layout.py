@@ -1,0 +1,142 @@
+"""Split rules and the ``Sharded`` container that :func:`fdp.scatter` returns."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+SplitRule = str | Sequence[int]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a batch of ``sum(sizes)`` rows is split along ``dim``: replica ``i`` gets ``sizes[i]``.
+
+    Rows stay in order: replica ``i`` holds rows ``offsets[i] : offsets[i] + sizes[i]``.
+    """
+
+    sizes: tuple[int, ...]
+    dim: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def max_size(self) -> int:
+        return max(self.sizes)
+
+    @property
+    def even(self) -> bool:
+        return len(set(self.sizes)) == 1
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        out, acc = [], 0
+        for s in self.sizes:
+            out.append(acc)
+            acc += s
+        return tuple(out)
+
+    def counts(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """Real rows per replica, shape ``[N]`` (int64)."""
+        return torch.tensor(self.sizes, dtype=torch.int64, device=device)
+
+    def mask(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """``[N, max_size]`` bool mask, True on real rows and False on padding."""
+        rows = torch.arange(self.max_size, device=device)
+        return rows.unsqueeze(0) < self.counts(device).unsqueeze(1)
+
+    def padded_index(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """Row index into the batch for each padded slot, ``[N * max_size]``.
+
+        Padding slots repeat the replica's last real row (row 0 of the batch for an empty
+        replica), so padded rows hold real data and never produce inf/NaN that could leak
+        into masked reductions.
+        """
+        idx = []
+        for off, s in zip(self.offsets, self.sizes, strict=True):
+            last = off + s - 1 if s > 0 else 0
+            idx.extend(range(off, off + s))
+            idx.extend([last] * (self.max_size - s))
+        return torch.tensor(idx, dtype=torch.int64, device=device)
+
+    def real_index(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """Positions of the real rows in the flattened ``[N * max_size]`` padded axis."""
+        m = self.max_size
+        idx = [i * m + r for i, s in enumerate(self.sizes) for r in range(s)]
+        return torch.tensor(idx, dtype=torch.int64, device=device)
+
+    def groups(self) -> list[tuple[int, int, int]]:
+        """Runs of consecutive replicas with equal non-zero size: ``(first_row, k, size)``."""
+        runs: list[tuple[int, int, int]] = []
+        for off, s in zip(self.offsets, self.sizes, strict=True):
+            if s == 0:
+                continue
+            if runs and runs[-1][2] == s and runs[-1][0] + runs[-1][1] * s == off:
+                first, k, _ = runs[-1]
+                runs[-1] = (first, k + 1, s)
+            else:
+                runs.append((off, 1, s))
+        return runs
+
+
+def split_sizes(batch_size: int, n: int, split: SplitRule, fn: str = "scatter") -> tuple[int, ...]:
+    """Per-replica row counts of a batch of ``batch_size`` rows over ``n`` replicas."""
+    if isinstance(split, str):
+        if split == "chunk":
+            # torch.chunk's rule (nn.DataParallel's scatter): ceil-sized chunks, then empties.
+            chunk = -(-batch_size // n)
+            full, rest = divmod(batch_size, chunk)
+            sizes = [chunk] * full + ([rest] if rest else [])
+            return tuple(sizes + [0] * (n - len(sizes)))
+        if split == "even":
+            base, extra = divmod(batch_size, n)
+            return tuple(base + 1 if i < extra else base for i in range(n))
+        raise ValueError(
+            f"{fn}: unknown split={split!r}; use 'chunk', 'even' or a list of {n} row counts"
+        )
+    try:
+        sizes = tuple(split)
+    except TypeError:
+        raise TypeError(
+            f"{fn}: split must be 'chunk', 'even' or a sequence of ints, got "
+            f"{type(split).__name__}"
+        ) from None
+    if len(sizes) != n or not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
+        raise ValueError(f"{fn}: split={list(sizes)} must list {n} ints, one per replica")
+    if any(s < 0 for s in sizes):
+        raise ValueError(f"{fn}: split={list(sizes)} has a negative row count")
+    if sum(sizes) != batch_size:
+        raise ValueError(
+            f"{fn}: split={list(sizes)} sums to {sum(sizes)} but the batch has {batch_size} "
+            f"rows; the sizes must add up to the batch size"
+        )
+    return sizes
+
+
+@dataclass(frozen=True)
+class Sharded:
+    """A batch split over a mesh: ``data`` has a leading replica axis (padded if uneven).
+
+    Attributes:
+        data: the input tree; every tensor leaf has shape ``[N, ..., max_size, ...]`` with the
+            padded batch axis at ``layout.dim + 1``; non-tensor leaves are broadcast.
+        layout: the per-replica row counts.
+    """
+
+    data: Any
+    layout: Layout
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Real rows per replica, ``[N]`` int64."""
+        return self.layout.counts()
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """``[N, max_size]`` bool: True on real rows (pass it to pmap with in_axes=0)."""
+        return self.layout.mask()

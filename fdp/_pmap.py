@@ -1,0 +1,195 @@
+"""``fdp.pmap``: run one function per replica with named-axis collectives inside."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from fdp import _check, _tree
+from fdp._collectives import AxisFrame, bind_axis
+from fdp._layout import Layout, Sharded
+from fdp._mesh import Mesh
+
+__all__ = ["pmap"]
+
+Axes = Any  # int | None | a tree prefix of them
+
+
+def _is_sharded(x: Any) -> bool:
+    return isinstance(x, Sharded)
+
+
+def pmap(
+    fn: Callable[..., Any],
+    mesh: Mesh,
+    in_axes: Axes = 0,
+    out_axes: Axes = 0,
+    axis_name: str | None = None,
+) -> Callable[..., Any]:
+    """Maps ``fn`` over the replicas of ``mesh``; collectives inside it see ``axis_name``.
+
+    Args:
+        fn: the per-replica function. Inside it, :func:`fdp.psum` and friends reduce over the
+            replicas by ``axis_name``.
+        mesh: the mesh whose replicas run ``fn``.
+        in_axes: per positional argument (a tree prefix, as in ``jax.pmap``): the axis of each
+            tensor that holds the replicas (size ``mesh.size``), or ``None`` for a value every
+            replica shares. :class:`fdp.Sharded` arguments (from :func:`fdp.scatter`) are always
+            mapped over their replica axis. Non-tensor leaves and keyword arguments are
+            broadcast.
+        out_axes: per output (a tree prefix): where the replica axis goes, or ``None`` for a
+            value that is the same on every replica (checked: differing values are an error).
+        axis_name: the name collectives use; defaults to ``mesh.axis_name``.
+
+    Returns:
+        A function with ``fn``'s arguments. Outputs have the replica axis at ``out_axes``. When
+        arguments were :class:`fdp.Sharded` and ``out_axes=0``, the output is ``Sharded`` with
+        their layout, so :func:`fdp.gather` can drop padding rows.
+
+    Example:
+        >>> mesh = fdp.Mesh(4)
+        >>> f = fdp.pmap(lambda x: x - fdp.pmean(x, "dp"), mesh)
+        >>> f(torch.tensor([1.0, 2.0, 3.0, 6.0]))
+        tensor([-2., -1.,  0.,  3.])
+    """
+    _check.callable_(fn, "pmap", "fn")
+    _check.mesh(mesh, "pmap")
+    name = mesh.axis_name if axis_name is None else axis_name
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"pmap: axis_name must be a non-empty str, got {axis_name!r}")
+    _check_axes_spec(in_axes, "in_axes")
+    _check_axes_spec(out_axes, "out_axes")
+
+    @functools.wraps(fn)
+    def mapped(*args: Any, **kwargs: Any) -> Any:
+        pairs = _tree.leaves_with_path(args, "args", is_leaf=_is_sharded)
+        treedef = _tree.flatten(args, is_leaf=_is_sharded)[1]
+        axes = _leaf_axes(in_axes, args)
+        layouts: list[Layout] = []
+        flat, flat_axes, paths = [], [], []
+        for (path, leaf), axis in zip(pairs, axes, strict=True):
+            if _is_sharded(leaf):
+                if axis is None:
+                    raise ValueError(f"pmap: {path} is Sharded (split over replicas) but its "
+                                     f"in_axes is None; use in_axes=0 for it")
+                layouts.append(leaf.layout)
+                inner = _tree.leaves_with_path(leaf.data, path + ".data")
+                flat.append(_Node(_tree.flatten(leaf.data)[1], len(inner)))
+                flat_axes.append(None)
+                paths.append(path)
+                for inner_path, x in inner:
+                    flat.append(x)
+                    flat_axes.append(0 if isinstance(x, torch.Tensor) else None)
+                    paths.append(inner_path)
+            else:
+                flat.append(leaf)
+                flat_axes.append(axis)
+                paths.append(path)
+        _check_mapped_inputs(flat, flat_axes, paths, mesh)
+        return _run(fn, mesh, name, out_axes, treedef, flat, flat_axes, kwargs, layouts)
+
+    return mapped
+
+
+class _Node:
+    """Marks where a Sharded argument's data leaves start in the flat argument list."""
+
+    def __init__(self, treedef: Any, count: int) -> None:
+        self.treedef, self.count = treedef, count
+
+
+def _check_axes_spec(spec: Any, what: str) -> None:
+    for path, leaf in _tree.leaves_with_path(spec, what):
+        if leaf is not None and (isinstance(leaf, bool) or not isinstance(leaf, int)):
+            raise TypeError(
+                f"pmap: {path} must be an int or None, got {type(leaf).__name__} ({leaf!r})"
+            )
+
+
+def _leaf_axes(in_axes: Axes, args: tuple) -> list[Any]:
+    prefix = tuple(in_axes) if isinstance(in_axes, list) else in_axes
+    if isinstance(prefix, tuple) and len(prefix) != len(args):
+        raise ValueError(
+            f"pmap: in_axes has {len(prefix)} entries but the function got {len(args)} "
+            f"positional arguments; give one entry per argument"
+        )
+    return _tree.broadcast_prefix(prefix, args, "in_axes")
+
+
+def _check_mapped_inputs(flat: list, axes: list, paths: list, mesh: Mesh) -> None:
+    for leaf, axis, path in zip(flat, axes, paths, strict=True):
+        if axis is None or not isinstance(leaf, torch.Tensor):
+            continue
+        if not -leaf.dim() <= axis < leaf.dim():
+            raise ValueError(
+                f"pmap: in_axes={axis} is out of range for {path} with shape "
+                f"{tuple(leaf.shape)}; use in_axes=None for values every replica shares"
+            )
+        if leaf.shape[axis] != mesh.size:
+            raise ValueError(
+                f"pmap: {path} has size {leaf.shape[axis]} at in_axes={axis} but the mesh has "
+                f"{mesh.size} replicas; build it with fdp.replicate/fdp.scatter, or pass "
+                f"in_axes=None for a value every replica shares"
+            )
+
+
+def _run(fn, mesh, name, out_axes, treedef, flat, flat_axes, kwargs, layouts):
+    mapped_pos = [i for i, (x, a) in enumerate(zip(flat, flat_axes, strict=True))
+                  if a is not None and isinstance(x, torch.Tensor)]
+    in_dims = [flat_axes[i] % flat[i].dim() for i in mapped_pos]
+    out_info: dict[str, Any] = {}
+
+    def body(index: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        values = list(flat)
+        for i, t in zip(mapped_pos, tensors, strict=True):
+            values[i] = t
+        args = _rebuild_args(values, treedef, layouts)
+        with bind_axis(AxisFrame(name, mesh.size, index)):
+            out = fn(*args, **kwargs)
+        out_leaves, out_def = _tree.flatten(out)
+        out_info["def"] = out_def
+        out_info["static"] = [None if isinstance(x, torch.Tensor) else x for x in out_leaves]
+        return [x for x in out_leaves if isinstance(x, torch.Tensor)]
+
+    results = iter(mesh.impl.map(body, [flat[i] for i in mapped_pos], in_dims))
+    out_def = out_info["def"]
+    leaves = [next(results) if s is None else s for s in out_info["static"]]
+    axes = _tree.broadcast_prefix(out_axes, _tree.unflatten(leaves, out_def), "out_axes")
+    paths = [p for p, _ in _tree.leaves_with_path(_tree.unflatten(leaves, out_def), "out")]
+    placed = [_place(x, a, p) for x, a, p in zip(leaves, axes, paths, strict=True)]
+    out = _tree.unflatten(placed, out_def)
+    if layouts and all(a == 0 for a in axes):
+        if len(set(layouts)) > 1:
+            raise ValueError("pmap: Sharded arguments have different layouts; scatter them "
+                             "together as one tree so they split the same way")
+        return Sharded(out, layouts[0])
+    return out
+
+
+def _rebuild_args(values: list, treedef: Any, layouts: list) -> tuple:
+    leaves, i = [], 0
+    while i < len(values):
+        v = values[i]
+        if isinstance(v, _Node):
+            leaves.append(_tree.unflatten(values[i + 1 : i + 1 + v.count], v.treedef))
+            i += 1 + v.count
+        else:
+            leaves.append(v)
+            i += 1
+    return _tree.unflatten(leaves, treedef)
+
+
+def _place(x: Any, axis: int | None, path: str) -> Any:
+    if not isinstance(x, torch.Tensor):
+        return x
+    if axis is None:
+        if x.shape[0] > 1 and x.stride(0) != 0 and not torch.equal(x, x[:1].expand_as(x)):
+            raise ValueError(
+                f"pmap: out_axes=None for {path}, but its value differs across replicas; "
+                f"use out_axes=0, or reduce it inside the function (e.g. fdp.pmean)"
+            )
+        return x[0]
+    return x.movedim(0, axis % x.dim())

@@ -1,0 +1,200 @@
+"""Pytree helpers shared by every fdp module.
+
+Trees are whatever ``torch.utils._pytree`` understands: dicts, lists, tuples, NamedTuples and
+``None``, with tensors (or other objects) as leaves. Leaves are addressed by *key path*, written as
+strings such as ``params['fc.weight']`` so that errors can name the exact leaf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+__all__ = [
+    "allclose",
+    "assert_allclose",
+    "broadcast_prefix",
+    "flatten",
+    "keystr",
+    "leaves_with_path",
+    "map_with_path",
+    "ravel",
+    "stack",
+    "unflatten",
+    "unstack",
+]
+
+PyTree = Any
+
+
+def keystr(path: Sequence[Any], root: str = "") -> str:
+    """Formats a key path as ``root['a'][0].b``."""
+    return root + pytree.keystr(tuple(path))
+
+
+def leaves_with_path(
+    tree: PyTree, root: str = "", is_leaf: Callable[[Any], bool] | None = None
+) -> list[tuple[str, Any]]:
+    """Lists ``(key path string, leaf)`` pairs in flattening order."""
+    pairs, _ = pytree.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    return [(keystr(path, root), leaf) for path, leaf in pairs]
+
+
+def flatten(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> tuple[list, Any]:
+    """Flattens a tree into ``(leaves, treedef)``."""
+    return pytree.tree_flatten(tree, is_leaf=is_leaf)
+
+
+def unflatten(leaves: Sequence[Any], treedef: Any) -> PyTree:
+    """Inverse of :func:`flatten`."""
+    return pytree.tree_unflatten(list(leaves), treedef)
+
+
+def map_with_path(
+    fn: Callable[..., Any],
+    tree: PyTree,
+    *rest: PyTree,
+    root: str = "",
+    is_leaf: Callable[[Any], bool] | None = None,
+) -> PyTree:
+    """Maps ``fn(path_string, leaf, *other_leaves)`` over one or more trees of equal structure."""
+    pairs, treedef = pytree.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    others = []
+    for i, other in enumerate(rest):
+        leaves, other_def = pytree.tree_flatten(other, is_leaf=is_leaf)
+        if other_def != treedef:
+            raise ValueError(
+                f"tree {i + 1} does not have the structure of the first tree: "
+                f"{other_def} != {treedef}"
+            )
+        others.append(leaves)
+    out = [
+        fn(keystr(path, root), leaf, *(o[j] for o in others))
+        for j, (path, leaf) in enumerate(pairs)
+    ]
+    return pytree.tree_unflatten(out, treedef)
+
+
+def broadcast_prefix(prefix: PyTree, tree: PyTree, what: str = "prefix") -> list[Any]:
+    """Expands ``prefix`` (a tree prefix of ``tree``, like JAX's in_axes) to one value per leaf.
+
+    Raises:
+        ValueError: if ``prefix`` is not a prefix of ``tree``'s structure.
+    """
+    treedef = pytree.tree_structure(tree)
+    flat = pytree._broadcast_to_and_flatten(prefix, treedef)
+    if flat is None:
+        raise ValueError(
+            f"{what}={prefix!r} does not match the structure of the arguments {treedef}; "
+            f"give one value per argument (a tree prefix), e.g. {what}=(0, None)"
+        )
+    return flat
+
+
+def stack(trees: Sequence[PyTree], dim: int = 0) -> PyTree:
+    """Stacks trees of equal structure leaf by leaf along a new axis ``dim``."""
+    if len(trees) == 0:
+        raise ValueError("stack: trees is empty; give at least one tree")
+    flats = [pytree.tree_flatten(t) for t in trees]
+    treedef = flats[0][1]
+    for i, (_, d) in enumerate(flats):
+        if d != treedef:
+            raise ValueError(f"stack: trees[{i}] has structure {d}, trees[0] has {treedef}")
+    leaves = [torch.stack(list(group), dim) for group in zip(*(f[0] for f in flats), strict=True)]
+    return pytree.tree_unflatten(leaves, treedef)
+
+
+def unstack(tree: PyTree, dim: int = 0) -> list[PyTree]:
+    """Splits every leaf along ``dim`` and returns one tree per index (inverse of :func:`stack`)."""
+    leaves, treedef = pytree.tree_flatten(tree)
+    if not leaves:
+        raise ValueError("unstack: tree has no leaves")
+    sizes = {leaf.shape[dim] for leaf in leaves}
+    if len(sizes) != 1:
+        raise ValueError(f"unstack: leaves have different sizes {sorted(sizes)} at dim {dim}")
+    parts = [leaf.unbind(dim) for leaf in leaves]
+    return [pytree.tree_unflatten(list(p), treedef) for p in zip(*parts, strict=True)]
+
+
+def ravel(tree: PyTree) -> tuple[torch.Tensor, Callable[[torch.Tensor], PyTree]]:
+    """Flattens a tree of tensors into one 1-D buffer (a communication "bucket").
+
+    All leaves must share dtype and device. Returns the buffer and a function that maps a buffer
+    of the same length back to a tree of views into it (no copy).
+
+    Example:
+        >>> flat, unravel = ravel({"a": torch.ones(2, 2), "b": torch.zeros(3)})
+        >>> flat.shape
+        torch.Size([7])
+        >>> unravel(flat)["a"].shape
+        torch.Size([2, 2])
+    """
+    pairs = leaves_with_path(tree, "tree")
+    if not pairs:
+        raise ValueError("ravel: tree has no leaves")
+    first_path, first = pairs[0]
+    for path, leaf in pairs:
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(f"ravel: {path} is a {type(leaf).__name__}, not a torch.Tensor")
+        if leaf.dtype != first.dtype or leaf.device != first.device:
+            raise ValueError(
+                f"ravel: {path} is {leaf.dtype} on {leaf.device} but {first_path} is "
+                f"{first.dtype} on {first.device}; cast the tree to one dtype/device first"
+            )
+    leaves, treedef = pytree.tree_flatten(tree)
+    shapes = [leaf.shape for leaf in leaves]
+    numels = [leaf.numel() for leaf in leaves]
+    flat = torch.cat([leaf.reshape(-1) for leaf in leaves])
+
+    def unravel(buffer: torch.Tensor) -> PyTree:
+        if buffer.shape != (sum(numels),):
+            raise ValueError(f"unravel: buffer has shape {tuple(buffer.shape)}, "
+                             f"expected ({sum(numels)},)")
+        parts = buffer.split(numels)
+        return pytree.tree_unflatten(
+            [p.view(s) for p, s in zip(parts, shapes, strict=True)], treedef
+        )
+
+    return flat, unravel
+
+
+def _first_mismatch(actual: PyTree, expected: PyTree, rtol: float, atol: float) -> str | None:
+    a_pairs, a_def = pytree.tree_flatten_with_path(actual)
+    e_leaves, e_def = pytree.tree_flatten(expected)
+    if a_def != e_def:
+        return f"structures differ: {a_def} != {e_def}"
+    for (path, a), e in zip(a_pairs, e_leaves, strict=True):
+        where = keystr(path, "tree")
+        if isinstance(a, torch.Tensor) != isinstance(e, torch.Tensor):
+            return f"{where}: {type(a).__name__} vs {type(e).__name__}"
+        if not isinstance(a, torch.Tensor):
+            if a != e:
+                return f"{where}: {a!r} != {e!r}"
+            continue
+        if a.shape != e.shape or a.dtype != e.dtype:
+            return f"{where}: {a.dtype}{list(a.shape)} vs {e.dtype}{list(e.shape)}"
+        a_, e_ = a.detach().cpu(), e.detach().cpu()
+        if not torch.allclose(a_, e_, rtol=rtol, atol=atol, equal_nan=True):
+            if a_.is_floating_point():
+                diff = (a_ - e_).abs().max().item()
+                rel = diff / max(e_.abs().max().item(), 1e-300)
+                return f"{where}: max abs diff {diff:.3e}, relative {rel:.3e}"
+            return f"{where}: values differ"
+    return None
+
+
+def allclose(actual: PyTree, expected: PyTree, rtol: float = 1e-5, atol: float = 1e-8) -> bool:
+    """True when both trees have the same structure, shapes, dtypes and close values."""
+    return _first_mismatch(actual, expected, rtol, atol) is None
+
+
+def assert_allclose(
+    actual: PyTree, expected: PyTree, rtol: float = 1e-5, atol: float = 1e-8
+) -> None:
+    """Like :func:`allclose` but raises ``AssertionError`` naming the first mismatching leaf."""
+    msg = _first_mismatch(actual, expected, rtol, atol)
+    if msg is not None:
+        raise AssertionError(f"trees differ (rtol={rtol}, atol={atol}): {msg}")

@@ -1,0 +1,158 @@
+"""The vmap backend: N virtual replicas on one device, a replica is a slice of a vmapped axis."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.func import grad_and_value, vmap
+
+from fdp import _tree
+from fdp._layout import Layout
+from fdp.backends._base import Backend
+
+
+class VmapBackend(Backend):
+    """Replicated values are tensors with a leading replica axis of size N on one device."""
+
+    name = "vmap"
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.size = size
+        self.device = device
+
+    def replicate(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(0).expand(self.size, *x.shape)  # zero-copy
+
+    def unreplicate(self, x: torch.Tensor) -> torch.Tensor:
+        return x[0]
+
+    def shard(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+        dim = layout.dim % x.dim()
+        if layout.even:  # a view: no copy
+            return x.unflatten(dim, (self.size, layout.max_size)).movedim(dim, 0)
+        index = layout.padded_index(x.device)
+        rows = x.index_select(dim, index)
+        return rows.unflatten(dim, (self.size, layout.max_size)).movedim(dim, 0)
+
+    def unshard(self, x: torch.Tensor, layout: Layout, dim: int) -> torch.Tensor:
+        flat = x.movedim(0, dim).flatten(dim, dim + 1)
+        if layout.even:
+            return flat
+        return flat.index_select(dim, layout.real_index(x.device))
+
+    def all_reduce(
+        self, x: torch.Tensor, op: str, weights: torch.Tensor | None
+    ) -> torch.Tensor:
+        if weights is not None:
+            w = weights.to(dtype=x.dtype, device=x.device)
+            w = w.reshape(self.size, *([1] * (x.dim() - 1)))
+            out = (w * x).sum(0) / w.sum()
+        elif op == "sum":
+            out = x.sum(0)
+        elif op == "mean":
+            out = x.mean(0)
+        elif op == "max":
+            out = x.amax(0)
+        else:
+            out = x.amin(0)
+        return self.replicate(out)
+
+    def map(
+        self,
+        body: Callable[..., Sequence[torch.Tensor]],
+        mapped: Sequence[torch.Tensor],
+        in_dims: Sequence[int],
+    ) -> list[torch.Tensor]:
+        index = torch.arange(self.size, device=self.device)
+        return list(vmap(body, in_dims=(0, *in_dims), out_dims=0)(index, *mapped))
+
+    def value_and_grad(self, plan: Any, params: dict, batch: Any) -> tuple[Any, dict]:
+        """The fused formulation: gradient of the reduced, vmapped loss.
+
+        Replicas with equal row counts that hold consecutive rows form one vmapped group whose
+        inputs are views of the batch, so uneven splits need no padding and no mask.
+        """
+        leaves, treedef = _tree.flatten(batch)
+        dims = [plan.layout.dim % leaf.dim() if _is_tensor(leaf) else None for leaf in leaves]
+        groups = plan.layout.groups()
+
+        def group_inputs(first: int, k: int, s: int) -> list[torch.Tensor]:
+            return [leaf.narrow(d, first, k * s).unflatten(d, (k, s))
+                    for leaf, d in zip(leaves, dims, strict=True) if d is not None]
+
+        def per_replica(fn: Callable[[Any], Any]) -> Callable[..., Any]:
+            def run(*tensors: torch.Tensor) -> Any:
+                it = iter(tensors)
+                shard = [next(it) if d is not None else leaf
+                         for leaf, d in zip(leaves, dims, strict=True)]
+                return fn(_tree.unflatten(shard, treedef))
+            return run
+
+        in_dims = tuple(d for d in dims if d is not None)
+        if plan.strategy == "weighted":
+            total = _weighted_total(plan, groups, group_inputs, per_replica, in_dims)
+        else:
+            total = _gathered_total(plan, batch, groups, group_inputs, per_replica, in_dims)
+        if plan.has_aux:
+            grads, (loss, aux) = grad_and_value(total, has_aux=True)(params)
+            return (loss, aux), grads
+        grads, loss = grad_and_value(lambda p: total(p)[0])(params)
+        return loss, grads
+
+
+def _is_tensor(x: Any) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+def _weighted_total(plan, groups, group_inputs, per_replica, in_dims):
+    batch_size = plan.layout.total
+
+    def total(params: dict) -> tuple[torch.Tensor, Any]:
+        acc, auxes = None, []
+        for first, k, s in groups:
+            fn = per_replica(lambda shard: plan.call_loss(params, shard))
+            out = vmap(fn, in_dims=in_dims)(*group_inputs(first, k, s))
+            losses, aux = out if plan.has_aux else (out, None)
+            weight = s / batch_size if plan.reduction == "mean" else 1.0
+            term = losses.sum() * weight
+            acc = term if acc is None else acc + term
+            auxes.append(aux)
+        return acc, (_concat_aux(auxes) if plan.has_aux else None)
+
+    return total
+
+
+def _gathered_total(plan, batch, groups, group_inputs, per_replica, in_dims):
+    out_dim = plan.out_dim
+
+    def total(params: dict) -> tuple[torch.Tensor, Any]:
+        parts = []
+        for first, k, s in groups:
+            fn = per_replica(lambda shard: plan.loss.forward(params, shard))
+            out = vmap(fn, in_dims=in_dims, out_dims=out_dim)(*group_inputs(first, k, s))
+            parts.append(_tree_flatten_pair(out, out_dim))
+        outputs = _tree_cat(parts, out_dim)
+        result = plan.call_criterion(outputs, batch)
+        loss, aux = result if plan.has_aux else (result, None)
+        return loss, aux
+
+    return total
+
+
+def _tree_flatten_pair(tree: Any, dim: int) -> Any:
+    return _tree.map_with_path(lambda _, x: x.flatten(dim, dim + 1), tree)
+
+
+def _tree_cat(parts: list[Any], dim: int) -> Any:
+    if len(parts) == 1:
+        return parts[0]
+    flats = [_tree.flatten(p) for p in parts]
+    treedef = flats[0][1]
+    cols = zip(*(f[0] for f in flats), strict=True)
+    return _tree.unflatten([torch.cat(list(c), dim) for c in cols], treedef)
+
+
+def _concat_aux(auxes: list[Any]) -> Any:
+    return _tree_cat(auxes, 0)
