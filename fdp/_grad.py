@@ -93,8 +93,9 @@ def value_and_grad(
     """Data-parallel loss and gradient that equal the single-device ones for any batch and mesh.
 
     ``loss_fn(params, batch)`` is the loss you would write for one device. The returned function
-    takes ``(params, batch)`` with the full batch, splits it by ``split`` and returns ``(loss, grads)`` (``((loss, aux), grads)`` with ``has_aux``), where ``loss`` and
-    ``grads`` are those of ``loss_fn(params, batch)`` up to float rounding.
+    takes ``(params, batch)`` with the full batch, splits it by ``split`` and returns
+    ``(loss, grads)`` (``((loss, aux), grads)`` with ``has_aux``), where ``loss`` and ``grads``
+    are those of ``loss_fn(params, batch)`` up to float rounding.
 
     Args:
         loss_fn: the single-device loss. With ``strategy="gather"`` it must be a
