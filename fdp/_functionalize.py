@@ -51,17 +51,66 @@ def functionalize(module: nn.Module) -> Model:
     params = {k: v.detach() for k, v in module.named_parameters()}
     buffers = {k: v.detach() for k, v in module.named_buffers()}
     param_names, buffer_names = frozenset(params), frozenset(buffers)
+    slots = _slots(module)
 
     def apply(params: Params, buffers: Params, *args: Any, **kwargs: Any) -> tuple[Any, Params]:
         _check_state(params, param_names, "params")
         _check_state(buffers, buffer_names, "buffers")
         # Copies are what the module may update in place; the caller's tensors stay untouched.
         new_buffers = {k: v.clone() for k, v in buffers.items()}
-        out = functional_call(module, (params, new_buffers), args, kwargs, tie_weights=True,
-                              strict=True)
+        if torch.compiler.is_compiling():
+            out = functional_call(module, (params, new_buffers), args, kwargs,
+                                  tie_weights=True, strict=True)
+        else:
+            out = _call_with(module, slots, params, new_buffers, args, kwargs)
         return out, new_buffers
 
     return Model(apply, params, buffers)
+
+
+_Slot = tuple[nn.Module, str, str, str]  # (owner, "_parameters" | "_buffers", attribute, key)
+
+
+def _slots(module: nn.Module) -> list[_Slot]:
+    """Every parameter/buffer attribute, with the dict key it takes its value from.
+
+    Tied attributes (the same tensor under several names) all read the first name's entry, as
+    ``functional_call(..., tie_weights=True)`` does. Computed once, so ``apply`` does not walk
+    the module tree on every call.
+    """
+    slots = []
+    for kind, named in (("_parameters", module.named_parameters(remove_duplicate=False)),
+                        ("_buffers", module.named_buffers(remove_duplicate=False))):
+        first_name: dict[int, str] = {}
+        for name, tensor in named:
+            key = first_name.setdefault(id(tensor), name)
+            owner, _, attr = name.rpartition(".")
+            slots.append((module.get_submodule(owner), kind, attr, key))
+    return slots
+
+
+def _call_with(module: nn.Module, slots: list[_Slot], params: Params, buffers: Params,
+               args: tuple, kwargs: dict) -> Any:
+    """Runs ``module`` with its tensors swapped for ``params``/``buffers``, then restores them.
+
+    ``buffers`` is the caller's private copy: a buffer the module re-assigns (rather than
+    updating in place) is written back into it.
+    """
+    source = {"_parameters": params, "_buffers": buffers}
+    saved: list[tuple[dict, str, Any]] = []
+    try:
+        for owner, kind, attr, key in slots:
+            table = getattr(owner, kind)
+            saved.append((table, attr, table[attr]))
+            table[attr] = source[kind][key]
+        out = module(*args, **kwargs)
+        for owner, kind, attr, key in slots:
+            if kind == "_buffers" and owner._buffers[attr] is not buffers[key]:
+                buffers[key] = owner._buffers[attr]
+        return out
+    finally:
+        for table, attr, value in reversed(saved):
+            table[attr] = value
 
 
 def _check_state(state: Any, expected: frozenset[str], name: str) -> None:

@@ -95,11 +95,38 @@ class VmapBackend(Backend):
             total = _weighted_total(plan, groups, group_inputs, per_replica, in_dims)
         else:
             total = _gathered_total(plan, batch, groups, group_inputs, per_replica, in_dims)
+        if _plain_autograd_ok(params):
+            return _autograd_value_and_grad(total, params, plan.has_aux)
         if plan.has_aux:
             grads, (loss, aux) = grad_and_value(total, has_aux=True)(params)
             return (loss, aux), grads
         grads, loss = grad_and_value(lambda p: total(p)[0])(params)
         return loss, grads
+
+
+def _plain_autograd_ok(params: dict) -> bool:
+    """Whether the faster tape-based autograd gives the same result as ``torch.func.grad``.
+
+    That holds outside any torch.func transform and torch.compile (which trace ``torch.func``),
+    when the params are not part of an outer autograd graph.
+    """
+    return (
+        torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and torch._C._functorch.peek_interpreter_stack() is None
+        and not any(p.requires_grad for p in params.values())
+    )
+
+
+def _autograd_value_and_grad(total: Callable, params: dict, has_aux: bool) -> tuple[Any, dict]:
+    leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+    loss, aux = total(leaves)
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    grads = {k: torch.zeros_like(v) if g is None else g
+             for (k, v), g in zip(leaves.items(), grads, strict=True)}
+    loss = loss.detach()
+    aux = _tree.map_with_path(lambda _, x: x.detach() if _is_tensor(x) else x, aux)
+    return ((loss, aux) if has_aux else loss), grads
 
 
 def _is_tensor(x: Any) -> bool:

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m fdp.bench [--quick] [--json PATH]``. Ratios come from one run."""

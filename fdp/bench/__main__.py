@@ -1,0 +1,124 @@
+"""``python -m fdp.bench``: fdp's data-parallel step against plain PyTorch, one run, medians.
+
+Measures (each ratio from candidates timed interleaved in the same run):
+  eager    fdp DP step (vmap, N=8) / plain module forward+backward, per workload
+  sweep    fdp DP step for N = 2..32 / plain, and its spread (max/min over N)
+  compile  torch.compile'd fdp DP step (N=8) / plain eager
+  memory   peak RSS of the DP step / the functional single-device step (subprocesses)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from typing import Any
+
+import torch
+
+from fdp.bench import _memory, _models
+from fdp.bench._timing import time_interleaved
+
+SECTIONS = ("eager", "sweep", "compile", "memory")
+
+
+def _row(table: list, measure: str, name: str, stats: dict, base: dict | None) -> None:
+    ratio = stats["median_ms"] / base["median_ms"] if base else None
+    table.append({"measure": measure, "name": name, **stats, "ratio": ratio})
+
+
+def bench_eager(workloads: list[str], rounds: int, n: int, table: list) -> None:
+    for key in workloads:
+        w = _models.WORKLOADS[key]()
+        res = time_interleaved(
+            {"plain": _models.plain_step(w), "dp": _models.dp_step(w, n)}, rounds
+        )
+        _row(table, "eager", f"{w.name}: plain module fwd+bwd", res["plain"], None)
+        _row(table, "eager", f"{w.name}: fdp DP N={n}", res["dp"], res["plain"])
+
+
+def bench_sweep(workloads: list[str], rounds: int, sizes: list[int], table: list) -> None:
+    for key in workloads:
+        w = _models.WORKLOADS[key]()
+        fns = {"plain": _models.plain_step(w)}
+        fns.update({f"N={n}": _models.dp_step(w, n) for n in sizes})
+        res = time_interleaved(fns, rounds)
+        _row(table, "sweep", f"{w.name}: plain module fwd+bwd", res["plain"], None)
+        for n in sizes:
+            _row(table, "sweep", f"{w.name}: fdp DP N={n}", res[f"N={n}"], res["plain"])
+        meds = [res[f"N={n}"]["median_ms"] for n in sizes]
+        table.append({"measure": "sweep", "name": f"{w.name}: spread max/min over N",
+                      "ratio": max(meds) / min(meds)})
+
+
+def bench_compile(workloads: list[str], rounds: int, n: int, table: list) -> None:
+    for key in workloads:
+        w = _models.WORKLOADS[key]()
+        compiled = _models.dp_step(w, n, compiled=True)
+        compiled()  # compile outside the timed rounds
+        res = time_interleaved({"plain": _models.plain_step(w), "compiled": compiled}, rounds)
+        _row(table, "compile", f"{w.name}: plain module fwd+bwd", res["plain"], None)
+        _row(table, "compile", f"{w.name}: compiled fdp DP N={n}", res["compiled"], res["plain"])
+
+
+def bench_memory(workloads: list[str], sizes: list[int], table: list) -> None:
+    for key in workloads:
+        base = _memory.measure(key, "functional")
+        table.append({"measure": "memory", "name": f"{key}: functional single-device",
+                      **base, "ratio": None})
+        for n in sizes:
+            dp = _memory.measure(key, "dp", n)
+            table.append({"measure": "memory", "name": f"{key}: fdp DP N={n}", **dp,
+                          "ratio": dp["peak_rss_mib"] / base["peak_rss_mib"],
+                          "step_ratio": dp["step_peak_mib"] / max(base["step_peak_mib"], 1e-9)})
+
+
+def _print(table: list[dict[str, Any]]) -> None:
+    print(f"{'measure':8} {'name':52} {'median':>9} {'min':>9} {'max':>9} {'ratio':>7}")
+    for r in table:
+        if "median_ms" in r:
+            cols = f"{r['median_ms']:9.2f} {r['min_ms']:9.2f} {r['max_ms']:9.2f}"
+        elif "peak_rss_mib" in r:
+            cols = f"{r['peak_rss_mib']:8.0f}M {r['step_peak_mib']:8.1f}M {'':9}"
+        else:
+            cols = " " * 29
+        ratio = f"{r['ratio']:7.3f}" if r.get("ratio") is not None else ""
+        print(f"{r['measure']:8} {r['name'][:52]:52} {cols} {ratio}")
+    print("times in ms; memory rows: peak RSS, peak above the pre-step RSS; ratio vs the row "
+          "above its group (plain, or functional single-device)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fdp.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="few rounds, small sweep (smoke test)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per candidate")
+    p.add_argument("--only", choices=SECTIONS, action="append", help="run only these sections")
+    p.add_argument("--workload", choices=sorted(_models.WORKLOADS), action="append")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = p.parse_args(argv)
+    rounds = args.rounds or (3 if args.quick else 30)
+    sizes = [2, 8] if args.quick else [2, 4, 8, 16, 32]
+    workloads = args.workload or sorted(_models.WORKLOADS)
+    sections = args.only or list(SECTIONS)
+    table: list[dict[str, Any]] = []
+    if "eager" in sections:
+        bench_eager(workloads, rounds, 8, table)
+    if "sweep" in sections:
+        bench_sweep(workloads, rounds, sizes, table)
+    if "compile" in sections:
+        bench_compile(workloads, rounds, 8, table)
+    if "memory" in sections:
+        bench_memory(workloads, [8] if args.quick else [2, 8, 32], table)
+    _print(table)
+    if args.json:
+        meta = {"torch": torch.__version__, "python": platform.python_version(),
+                "threads": torch.get_num_threads(), "rounds": rounds, "argv": sys.argv[1:]}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": table}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
