@@ -37,7 +37,7 @@ def mlp(batch_size: int = 256) -> Workload:
     module = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
                            nn.Linear(512, 10))
     batch = {"x": torch.randn(batch_size, 784), "y": torch.randint(0, 10, (batch_size,))}
-    return Workload("mlp 784-512-512-10 B=%d" % batch_size, module, batch)
+    return Workload(f"mlp 784-512-512-10 B={batch_size}", module, batch)
 
 
 def cnn(batch_size: int = 64) -> Workload:
@@ -48,7 +48,7 @@ def cnn(batch_size: int = 64) -> Workload:
         nn.Flatten(), nn.Linear(32 * 7 * 7, 10),
     )
     batch = {"x": torch.randn(batch_size, 1, 28, 28), "y": torch.randint(0, 10, (batch_size,))}
-    return Workload("cnn 2conv+fc 28x28 B=%d" % batch_size, module, batch)
+    return Workload(f"cnn 2conv+fc 28x28 B={batch_size}", module, batch)
 
 
 WORKLOADS = {"mlp": mlp, "cnn": cnn}
