@@ -58,9 +58,14 @@ def batch_leaves(tree: Any, fn: str, root: str) -> list[tuple[str, torch.Tensor]
     return pairs
 
 
-def replica_axis(tree: Any, mesh_: Mesh, fn: str, root: str) -> list[tuple[str, torch.Tensor]]:
-    """Checks that every tensor leaf has a leading replica axis of the mesh's size."""
-    pairs = tensor_leaves(tree, fn, root)
+def replica_axis(
+    tree: Any, mesh_: Mesh, fn: str, root: str, static_ok: bool = False
+) -> list[tuple[str, torch.Tensor]]:
+    """Checks that every tensor leaf has a leading replica axis of the mesh's size.
+
+    With ``static_ok``, plain Python leaves are allowed (they are the same on every replica).
+    """
+    pairs = batch_leaves(tree, fn, root) if static_ok else tensor_leaves(tree, fn, root)
     for path, leaf in pairs:
         if leaf.dim() == 0 or leaf.shape[0] != mesh_.size:
             shape = tuple(leaf.shape)

@@ -211,18 +211,16 @@ def all_gather(x: Any, axis_name: str, axis: int = 0, tiled: bool = False) -> An
     _guard_compile("all_gather")
 
     def leaf_op(v: torch.Tensor) -> torch.Tensor:
-        if not -v.dim() - 1 <= axis <= v.dim():
+        rank = v.dim() if tiled else v.dim() + 1  # tiled concatenates along an existing axis
+        if not -rank <= axis < rank:
             raise ValueError(
                 f"all_gather: axis={axis} is out of range for a value with {v.dim()} dims"
+                f"{' and tiled=True' if tiled else ''}"
             )
-        ax = axis % (v.dim() + 1)
+        ax = axis % rank
         out = _AllGather.apply(v, frame.index, ax, frame.size)
         return out.flatten(ax, ax + 1) if tiled else out
 
-    if tiled:
-        for leaf in pytree.tree_leaves(x):
-            if isinstance(leaf, torch.Tensor) and leaf.dim() == 0:
-                raise ValueError("all_gather: tiled=True needs values with at least one dim")
     return _tree_collective(x, "all_gather", leaf_op)
 
 

@@ -151,12 +151,14 @@ def _run(fn, mesh, name, out_axes, treedef, flat, flat_axes, kwargs, layouts):
             out = fn(*args, **kwargs)
         out_leaves, out_def = _tree.flatten(out)
         out_info["def"] = out_def
-        out_info["static"] = [None if isinstance(x, torch.Tensor) else x for x in out_leaves]
+        # Only whether each leaf is a tensor, and the static leaves, outlive the vmap.
+        out_info["static"] = [(isinstance(x, torch.Tensor), x) if not isinstance(x, torch.Tensor)
+                              else (True, None) for x in out_leaves]
         return [x for x in out_leaves if isinstance(x, torch.Tensor)]
 
     results = iter(mesh.impl.map(body, [flat[i] for i in mapped_pos], in_dims))
     out_def = out_info["def"]
-    leaves = [next(results) if s is None else s for s in out_info["static"]]
+    leaves = [next(results) if is_tensor else x for is_tensor, x in out_info["static"]]
     axes = _tree.broadcast_prefix(out_axes, _tree.unflatten(leaves, out_def), "out_axes")
     paths = [p for p, _ in _tree.leaves_with_path(_tree.unflatten(leaves, out_def), "out")]
     placed = [_place(x, a, p) for x, a, p in zip(leaves, axes, paths, strict=True)]

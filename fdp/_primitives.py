@@ -34,7 +34,7 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 def unreplicate(tree: Any, mesh: Mesh) -> Any:
     """Takes replica 0's value of every leaf (inverse of :func:`replicate`)."""
     _check.mesh(mesh, "unreplicate")
-    _check.replica_axis(tree, mesh, "unreplicate", "tree")
+    _check.replica_axis(tree, mesh, "unreplicate", "tree", static_ok=True)
     return _map_tensors(mesh.impl.unreplicate, tree)
 
 
@@ -116,7 +116,7 @@ def gather(outs: Any, mesh: Mesh, dim: int = 0) -> Any:
             )
     else:
         tree, layout = outs, None
-    pairs = _check.replica_axis(tree, mesh, "gather", "outs")
+    pairs = _check.replica_axis(tree, mesh, "gather", "outs", static_ok=True)
     for path, leaf in pairs:
         per_replica = leaf.dim() - 1
         if not -per_replica <= dim < per_replica:

@@ -1,0 +1,47 @@
+"""Test configuration: fixed seeds, torch's RNG under hypothesis, and the dev/ci profiles."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import hypothesis
+import numpy as np
+import pytest
+import torch
+
+import fdp
+
+
+class _TorchRandom:
+    """Adapter so that hypothesis seeds and restores torch's global RNG for every example."""
+
+    def seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    def getstate(self) -> torch.Tensor:
+        return torch.get_rng_state()
+
+    def setstate(self, state: torch.Tensor) -> None:
+        torch.set_rng_state(state)
+
+
+_TORCH_RANDOM = _TorchRandom()  # register_random keeps only a weak reference
+hypothesis.register_random(_TORCH_RANDOM)
+
+_COMMON = dict(deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow])
+hypothesis.settings.register_profile("dev", max_examples=12, **_COMMON)
+hypothesis.settings.register_profile("ci", max_examples=60, print_blob=True, **_COMMON)
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seeds() -> None:
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _doctest_names(doctest_namespace: dict) -> None:
+    doctest_namespace.update(fdp=fdp, torch=torch)
