@@ -152,8 +152,8 @@ def _run(fn, mesh, name, out_axes, treedef, flat, flat_axes, kwargs, layouts):
         out_leaves, out_def = _tree.flatten(out)
         out_info["def"] = out_def
         # Only whether each leaf is a tensor, and the static leaves, outlive the vmap.
-        out_info["static"] = [(isinstance(x, torch.Tensor), x) if not isinstance(x, torch.Tensor)
-                              else (True, None) for x in out_leaves]
+        out_info["static"] = [(True, None) if isinstance(x, torch.Tensor) else (False, x)
+                              for x in out_leaves]
         return [x for x in out_leaves if isinstance(x, torch.Tensor)]
 
     results = iter(mesh.impl.map(body, [flat[i] for i in mapped_pos], in_dims))
