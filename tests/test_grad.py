@@ -10,9 +10,17 @@ from torch import nn
 from torch.func import grad_and_value
 
 import fdp
-from tests.helpers import F32_REL, F64_REL, KwargsNet, assert_close, batch_sizes, cnn, mesh_sizes
+from tests.helpers import (
+    F32_REL,
+    F64_REL,
+    KwargsNet,
+    assert_close,
+    batch_sizes,
+    cnn,
+    mesh_sizes,
+    splits,
+)
 from tests.helpers import mlp as make_mlp
-from tests.helpers import splits
 
 
 def _single(loss_fn, params, batch):

@@ -1,0 +1,108 @@
+"""torch.compile: fdp steps compile to the eager numbers, or raise a clear error — never a
+silently dropped collective (pytorch#129845)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fdp
+from tests.helpers import F32_REL, F64_REL, assert_close
+
+f64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _compiled_or_clear_error(fn, *args, fullgraph):
+    """Runs ``torch.compile(fn)``; returns its output, or None if it raised our clear error."""
+    try:
+        return torch.compile(fn, fullgraph=fullgraph)(*args)
+    except Exception as e:
+        text = f"{e}\n{e.__cause__}"
+        assert "cannot be traced by torch.compile" in text and "129845" in text, text
+        return None
+
+
+def _classifier():
+    module = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    model = fdp.functionalize(module)
+    forward = lambda p, b: model.apply(p, model.buffers, b["x"])[0]  # noqa: E731
+    criterion = lambda o, b: nn.functional.cross_entropy(o, b["y"])  # noqa: E731
+    return model, fdp.split_loss(forward, criterion)
+
+
+@pytest.mark.parametrize("strategy", ["weighted", "gather"])
+def test_compiled_value_and_grad_is_exact(strategy):
+    model, loss = _classifier()
+    batch = {"x": torch.randn(11, 5, dtype=f64), "y": torch.randint(0, 3, (11,))}
+    vg = fdp.value_and_grad(loss, fdp.Mesh(4), strategy=strategy)  # chunk: 3, 3, 3, 2
+    eager = vg(model.params, batch)
+    compiled = torch.compile(vg)(model.params, batch)
+    assert_close(compiled, eager, F64_REL)
+
+
+def test_compiled_training_step_float32():
+    module = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    model = fdp.functionalize(module)
+
+    def loss_fn(p, b):
+        return nn.functional.cross_entropy(model.apply(p, model.buffers, b["x"])[0], b["y"])
+
+    vg = fdp.value_and_grad(loss_fn, fdp.Mesh(8), split="even")
+
+    def step(params, batch):
+        loss, grads = vg(params, batch)
+        return loss, {k: params[k] - 0.1 * grads[k] for k in params}
+
+    batch = {"x": torch.randn(30, 5), "y": torch.randint(0, 3, (30,))}
+    eager, compiled, params = model.params, model.params, model.params
+    step_c = torch.compile(step)
+    for _ in range(3):
+        _, eager = step(eager, batch)
+        _, compiled = step_c(compiled, batch)
+    assert_close(compiled, eager, F32_REL)
+    assert not fdp.tree.allclose(eager, params)  # it did train
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_compiled_pmap_with_collectives(fullgraph):
+    mesh = fdp.Mesh(4)
+    x = torch.randn(4, 3, dtype=f64)
+
+    def f(x):
+        return fdp.pmap(lambda v: v - fdp.pmean(v, "dp") + fdp.psum(1.0, "dp"), mesh)(x)
+
+    out = _compiled_or_clear_error(f, x, fullgraph=fullgraph)
+    if out is not None:
+        assert_close(out, f(x), F64_REL)
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_compiled_grad_through_psum(fullgraph):
+    """grad(pmap(psum)) and pmap(grad(psum)) — the case compile breaks upstream."""
+    mesh = fdp.Mesh(3)
+    w = torch.tensor(2.0, dtype=f64)
+    x = torch.arange(1.0, 4.0, dtype=f64)
+
+    def outer(w):
+        return torch.func.grad(
+            lambda w: fdp.pmap(lambda xi: fdp.psum(w * xi, "dp") * xi, mesh)(x).sum())(w)
+
+    def inner(w):
+        return fdp.pmap(torch.func.grad(lambda w, xi: fdp.psum(w * xi, "dp") * xi), mesh,
+                        in_axes=(None, 0))(w, x)
+
+    for fn in (outer, inner):
+        torch._dynamo.reset()
+        out = _compiled_or_clear_error(fn, w, fullgraph=fullgraph)
+        if out is not None:
+            assert_close(out, fn(w), F64_REL)
+    assert_close(outer(w), x.sum() ** 2, F64_REL)
+    assert_close(inner(w), x.sum() * x, F64_REL)

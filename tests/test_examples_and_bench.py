@@ -1,0 +1,32 @@
+"""The README's example and the benchmark CLI run (numbers are reported, not asserted)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import subprocess
+import sys
+
+from fdp.bench.__main__ import main as bench_main
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_runs_and_matches_single_device():
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")],
+                         check=True, capture_output=True, text=True, timeout=300).stdout
+    diffs = [float(x) for x in re.findall(r"max \|grad difference\| = ([0-9.e+-]+)", out)]
+    assert len(diffs) == 2 and all(d < 1e-5 for d in diffs), out
+
+
+def test_bench_quick_writes_json(tmp_path):
+    path = tmp_path / "bench.json"
+    assert bench_main(["--quick", "--rounds", "2", "--workload", "mlp", "--only", "eager",
+                       "--only", "sweep", "--only", "memory", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    measures = {row["measure"] for row in data["results"]}
+    assert measures == {"eager", "sweep", "memory"}
+    dp_rows = [r for r in data["results"] if "fdp DP" in r["name"]]
+    assert dp_rows and all(r["ratio"] > 0 for r in dp_rows)
+    assert data["meta"]["torch"] == __import__("torch").__version__
