@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ def _leaf_close(path: str, a: Any, e: Any, rel: float) -> None:
     scale = e.detach().abs().max().item() if e.numel() else 0.0
     err = (a.detach() - e.detach()).abs().max().item() if e.numel() else 0.0
     assert err <= rel * max(scale, 1e-30) + 1e-300, (
-        f"{path}: max abs err {err:.3e} > {rel:g} × scale {scale:.3e}"
+        f"{path}: max abs err {err:.3e} > {rel:g} * scale {scale:.3e}"
     )
 
 
@@ -67,7 +68,7 @@ def splits(draw: Any, batch: int, n: int) -> Any:
         return kind
     cuts = sorted(draw(st.lists(st.integers(0, batch), min_size=n - 1, max_size=n - 1)))
     edges = [0, *cuts, batch]
-    return [b - a for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    return [b - a for a, b in itertools.pairwise(edges)]
 
 
 # --- models -----------------------------------------------------------------------------------
