@@ -31,7 +31,7 @@ hypothesis.register_random(_TORCH_RANDOM)
 
 _COMMON = dict(deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow])
 hypothesis.settings.register_profile("dev", max_examples=12, **_COMMON)
-hypothesis.settings.register_profile("ci", max_examples=60, print_blob=True, **_COMMON)
+hypothesis.settings.register_profile("ci", max_examples=150, print_blob=True, **_COMMON)
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
