@@ -191,3 +191,20 @@ def test_unweighted_mean_would_be_wrong():
     naive = (loss_fn(params, x[:3]) + loss_fn(params, x[3:])) / 2
     assert_close(loss, loss_fn(params, x), F64_REL)
     assert abs(naive.item() - loss.item()) > 1.0
+
+
+def test_documented_limits_raise_instead_of_diverging():
+    """docs/guarantees.md: BatchNorm in training, dropout, and collectives in loss_fn raise."""
+    mesh = fdp.Mesh(2)
+    x = torch.randn(4, 3)
+    for layer, pattern in ((nn.BatchNorm1d(4), "running_mean"), (nn.Dropout(0.5), "random")):
+        model = fdp.functionalize(nn.Sequential(nn.Linear(3, 4), layer).train())
+
+        def loss_fn(p, b, model=model):
+            return model.apply(p, model.buffers, b)[0].pow(2).mean()
+
+        with pytest.raises(RuntimeError, match=pattern):
+            fdp.value_and_grad(loss_fn, mesh)(model.params, x)
+    with pytest.raises(ValueError, match="not bound"):
+        fdp.value_and_grad(lambda p, b: fdp.pmean((b * p["w"]).mean(), "dp"), mesh)(
+            {"w": torch.ones(3)}, x)
