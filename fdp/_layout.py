@@ -133,10 +133,15 @@ class Sharded:
 
     @property
     def counts(self) -> torch.Tensor:
-        """Real rows per replica, ``[N]`` int64."""
-        return self.layout.counts()
+        """Real rows per replica, ``[N]`` int64, on the device of the data."""
+        return self.layout.counts(self._device())
 
     @property
     def mask(self) -> torch.Tensor:
         """``[N, max_size]`` bool: True on real rows (pass it to pmap with in_axes=0)."""
-        return self.layout.mask()
+        return self.layout.mask(self._device())
+
+    def _device(self) -> torch.device | None:
+        leaves = [x for x in torch.utils._pytree.tree_leaves(self.data)
+                  if isinstance(x, torch.Tensor)]
+        return leaves[0].device if leaves else None
