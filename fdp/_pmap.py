@@ -88,6 +88,9 @@ def pmap(
                 flat.append(leaf)
                 flat_axes.append(axis)
                 paths.append(path)
+        if len(set(layouts)) > 1:
+            raise ValueError("pmap: Sharded arguments have different layouts; scatter them "
+                             "together as one tree so that they split the same way")
         _check_mapped_inputs(flat, flat_axes, paths, mesh)
         return _run(fn, mesh, name, out_axes, treedef, flat, flat_axes, kwargs, layouts)
 
@@ -146,7 +149,7 @@ def _run(fn, mesh, name, out_axes, treedef, flat, flat_axes, kwargs, layouts):
         values = list(flat)
         for i, t in zip(mapped_pos, tensors, strict=True):
             values[i] = t
-        args = _rebuild_args(values, treedef, layouts)
+        args = _rebuild_args(values, treedef)
         with bind_axis(AxisFrame(name, mesh.size, index)):
             out = fn(*args, **kwargs)
         out_leaves, out_def = _tree.flatten(out)
@@ -164,14 +167,11 @@ def _run(fn, mesh, name, out_axes, treedef, flat, flat_axes, kwargs, layouts):
     placed = [_place(x, a, p) for x, a, p in zip(leaves, axes, paths, strict=True)]
     out = _tree.unflatten(placed, out_def)
     if layouts and all(a == 0 for a in axes):
-        if len(set(layouts)) > 1:
-            raise ValueError("pmap: Sharded arguments have different layouts; scatter them "
-                             "together as one tree so they split the same way")
         return Sharded(out, layouts[0])
     return out
 
 
-def _rebuild_args(values: list, treedef: Any, layouts: list) -> tuple:
+def _rebuild_args(values: list, treedef: Any) -> tuple:
     leaves, i = [], 0
     while i < len(values):
         v = values[i]
@@ -194,4 +194,7 @@ def _place(x: Any, axis: int | None, path: str) -> Any:
                 f"use out_axes=0, or reduce it inside the function (e.g. fdp.pmean)"
             )
         return x[0]
+    if not -x.dim() <= axis < x.dim():
+        raise ValueError(f"pmap: out_axes={axis} is out of range for {path}, which has "
+                         f"{x.dim() - 1} dims per replica")
     return x.movedim(0, axis % x.dim())
