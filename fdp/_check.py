@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from fdp import _tree
+from fdp._layout import Sharded
 from fdp._mesh import Mesh
 
 
@@ -29,10 +30,19 @@ def integer(value: Any, fn: str, name: str) -> int:
     return value
 
 
+def _not_sharded(leaf: Any, path: str, fn: str) -> None:
+    if isinstance(leaf, Sharded):
+        raise TypeError(
+            f"{fn}: {path} is an fdp.Sharded (rows split over replicas); use fdp.gather(...) "
+            f"to get the batch back, or its .data for the padded per-replica tensors"
+        )
+
+
 def tensor_leaves(tree: Any, fn: str, root: str) -> list[tuple[str, torch.Tensor]]:
     """Returns the tensor leaves of ``tree``; any other leaf (except None) is a TypeError."""
     pairs = []
     for path, leaf in _tree.leaves_with_path(tree, root):
+        _not_sharded(leaf, path, fn)
         if leaf is None:
             continue
         if not isinstance(leaf, torch.Tensor):
@@ -48,6 +58,7 @@ def batch_leaves(tree: Any, fn: str, root: str) -> list[tuple[str, torch.Tensor]
     """Tensor leaves of a batch; plain Python values are broadcast, array-likes are an error."""
     pairs = []
     for path, leaf in _tree.leaves_with_path(tree, root):
+        _not_sharded(leaf, path, fn)
         if isinstance(leaf, torch.Tensor):
             pairs.append((path, leaf))
         elif hasattr(leaf, "__array__"):
@@ -74,6 +85,18 @@ def replica_axis(
                 f"{mesh_.size} (the mesh size); build it with fdp.replicate or fdp.pmap"
             )
     return pairs
+
+
+def on_device(pairs: list[tuple[str, torch.Tensor]], mesh_: Mesh, fn: str) -> None:
+    """Checks that tensors live where the mesh's replicas do (vmap backend: one device)."""
+    device = mesh_.devices[0]
+    for path, leaf in pairs:
+        if leaf.device != device and leaf.dim() > 0:
+            raise ValueError(
+                f"{fn}: {path} is on {leaf.device} but the mesh's replicas live on {device}; "
+                f"move it with .to({str(device)!r}) or build the mesh with "
+                f"fdp.Mesh({mesh_.size}, device={str(leaf.device)!r})"
+            )
 
 
 def param_dict(params: Any, fn: str, name: str = "params") -> dict[str, torch.Tensor]:

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
+
+from fdp import _tree
 
 __all__ = ["all_gather", "axis_index", "axis_size", "pmax", "pmean", "pmin", "psum"]
 
@@ -106,16 +107,27 @@ class _AllReduce(torch.autograd.Function):
         ctx.index, ctx.op, ctx.n = index, op, n
         if op in ("max", "min"):
             ctx.save_for_backward(x, output)
+            ctx.save_for_forward(x, output)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple:
         if ctx.op in ("sum", "mean"):
             return _AllReduce.apply(g, ctx.index, ctx.op, ctx.n), None, None, None
+        # The replicas that hold the extreme value share the gradient equally (as torch.amax).
         x, y = ctx.saved_tensors
         hit = (x == y).to(g.dtype)
         total = _AllReduce.apply(g, ctx.index, "sum", ctx.n)
         ties = _AllReduce.apply(hit, ctx.index, "sum", ctx.n)
         return total * hit / ties, None, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: torch.Tensor, *_: Any) -> torch.Tensor:
+        if ctx.op in ("sum", "mean"):
+            return _AllReduce.apply(x_t, ctx.index, ctx.op, ctx.n)
+        x, y = ctx.saved_tensors
+        hit = (x == y).to(x_t.dtype)
+        ties = _AllReduce.apply(hit, ctx.index, "sum", ctx.n)
+        return _AllReduce.apply(x_t * hit, ctx.index, "sum", ctx.n) / ties
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, x: torch.Tensor, index: torch.Tensor, op: str, n: int):
@@ -141,6 +153,10 @@ class _AllGather(torch.autograd.Function):
         return own, None, None, None
 
     @staticmethod
+    def jvp(ctx: Any, x_t: torch.Tensor, *_: Any) -> torch.Tensor:
+        return _AllGather.apply(x_t, ctx.index, ctx.axis, ctx.n)
+
+    @staticmethod
     def vmap(info: Any, in_dims: tuple, x: torch.Tensor, index: torch.Tensor, axis: int, n: int):
         x_dim, index_dim = in_dims[0], in_dims[1]
         if index_dim is None:  # a vmap level inside the pmap: keep its batch dim in front
@@ -151,12 +167,19 @@ class _AllGather(torch.autograd.Function):
 
 
 def _tree_collective(tree: Any, fn: str, leaf_op: Any) -> Any:
-    def apply(leaf: Any) -> Any:
-        if not isinstance(leaf, torch.Tensor):
+    """Applies ``leaf_op`` to every tensor (or Python number) leaf; ``None`` stays ``None``."""
+
+    def apply(path: str, leaf: Any) -> Any:
+        if leaf is None:
+            return None
+        if isinstance(leaf, (bool, int, float, complex)):
             leaf = torch.as_tensor(leaf)
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(f"{fn}: {path} is a {type(leaf).__name__}; collectives take "
+                            f"tensors, Python numbers and None")
         return leaf_op(leaf)
 
-    return pytree.tree_map(apply, tree)
+    return _tree.map_with_path(apply, tree, root="x")
 
 
 def _all_reduce(tree: Any, axis_name: str, op: str, fn: str) -> Any:

@@ -50,12 +50,13 @@ def functionalize(module: nn.Module) -> Model:
                         f"{type(module).__name__}")
     params = {k: v.detach() for k, v in module.named_parameters()}
     buffers = {k: v.detach() for k, v in module.named_buffers()}
-    param_names, buffer_names = frozenset(params), frozenset(buffers)
+    param_shapes = {k: v.shape for k, v in params.items()}
+    buffer_shapes = {k: v.shape for k, v in buffers.items()}
     slots = _slots(module)
 
     def apply(params: Params, buffers: Params, *args: Any, **kwargs: Any) -> tuple[Any, Params]:
-        _check_state(params, param_names, "params")
-        _check_state(buffers, buffer_names, "buffers")
+        _check_state(params, param_shapes, "params")
+        _check_state(buffers, buffer_shapes, "buffers")
         # Copies are what the module may update in place; the caller's tensors stay untouched.
         new_buffers = {k: v.clone() for k, v in buffers.items()}
         if torch.compiler.is_compiling():
@@ -113,12 +114,18 @@ def _call_with(module: nn.Module, slots: list[_Slot], params: Params, buffers: P
             table[attr] = value
 
 
-def _check_state(state: Any, expected: frozenset[str], name: str) -> None:
+def _check_state(state: Any, shapes: dict[str, torch.Size], name: str) -> None:
     _check.param_dict(state, "apply", name)
-    if state.keys() != expected:
-        missing = sorted(expected - state.keys())
-        extra = sorted(state.keys() - expected)
+    if state.keys() != shapes.keys():
+        missing = sorted(shapes.keys() - state.keys())
+        extra = sorted(state.keys() - shapes.keys())
         raise ValueError(
             f"apply: {name} does not match the module: missing {missing}, unexpected {extra}; "
             f"start from fdp.functionalize(module).{name}"
         )
+    for key, value in state.items():
+        if value.shape != shapes[key]:
+            raise ValueError(
+                f"apply: {name}[{key!r}] has shape {tuple(value.shape)} but the module's is "
+                f"{tuple(shapes[key])}"
+            )

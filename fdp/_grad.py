@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fdp import _check
+from fdp import _check, _tree
 from fdp._layout import Layout, Sharded, SplitRule, split_sizes
 from fdp._mesh import Mesh
 from fdp._primitives import batch_size
@@ -55,7 +55,16 @@ class GradPlan:
     out_dim: int
 
     def call_loss(self, params: Any, shard: Any) -> Any:
-        return _checked_loss(self.loss(params, shard), self.has_aux, "loss_fn")
+        out = _checked_loss(self.loss(params, shard), self.has_aux, "loss_fn")
+        if self.has_aux:  # aux comes back stacked over replicas: it must be tensors
+            for path, leaf in _tree.leaves_with_path(out[1], "aux"):
+                if not isinstance(leaf, torch.Tensor):
+                    raise TypeError(
+                        f"value_and_grad: {path} is a {type(leaf).__name__}; with "
+                        f"strategy='weighted', aux is stacked over replicas and must hold "
+                        f"tensors (wrap it with torch.tensor)"
+                    )
+        return out
 
     def call_criterion(self, outputs: Any, batch: Any) -> Any:
         return _checked_loss(self.loss.criterion(outputs, batch), self.has_aux, "criterion")
@@ -142,6 +151,11 @@ def value_and_grad(
 
     def run(params: dict[str, torch.Tensor], batch: Any) -> tuple[Any, dict]:
         _check.param_dict(params, "value_and_grad")
+        if not params:
+            raise ValueError("value_and_grad: params is empty; there is nothing to "
+                             "differentiate")
+        _check.on_device([(f"params[{k!r}]", v) for k, v in params.items()], mesh,
+                         "value_and_grad")
         for key, value in params.items():
             if not value.is_floating_point():
                 raise TypeError(f"value_and_grad: params[{key!r}] is {value.dtype}; gradients "
@@ -158,4 +172,6 @@ def _resolve_batch(batch: Any, mesh: Mesh, split: SplitRule, dim: int) -> tuple[
         raise TypeError("value_and_grad: pass the full batch, not fdp.scatter's output; "
                         "choose the split with value_and_grad(..., split=...)")
     rows = batch_size(batch, dim, "value_and_grad")
+    _check.on_device(_check.batch_leaves(batch, "value_and_grad", "batch"), mesh,
+                     "value_and_grad")
     return Layout(split_sizes(rows, mesh.size, split, "value_and_grad"), dim), batch

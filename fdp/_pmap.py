@@ -72,9 +72,10 @@ def pmap(
         flat, flat_axes, paths = [], [], []
         for (path, leaf), axis in zip(pairs, axes, strict=True):
             if _is_sharded(leaf):
-                if axis is None:
+                if axis != 0:
                     raise ValueError(f"pmap: {path} is Sharded (split over replicas) but its "
-                                     f"in_axes is None; use in_axes=0 for it")
+                                     f"in_axes is {axis}; a Sharded is mapped over its replica "
+                                     f"axis: use in_axes=0 for it")
                 layouts.append(leaf.layout)
                 inner = _tree.leaves_with_path(leaf.data, path + ".data")
                 flat.append(_Node(_tree.flatten(leaf.data)[1], len(inner)))
@@ -123,6 +124,8 @@ def _leaf_axes(in_axes: Axes, args: tuple) -> list[Any]:
 
 
 def _check_mapped_inputs(flat: list, axes: list, paths: list, mesh: Mesh) -> None:
+    tensors = [(p, x) for p, x in zip(paths, flat, strict=True) if isinstance(x, torch.Tensor)]
+    _check.on_device(tensors, mesh, "pmap")
     for leaf, axis, path in zip(flat, axes, paths, strict=True):
         if axis is None or not isinstance(leaf, torch.Tensor):
             continue
@@ -162,7 +165,8 @@ def _run(fn, mesh, name, out_axes, treedef, flat, flat_axes, kwargs, layouts):
     results = iter(mesh.impl.map(body, [flat[i] for i in mapped_pos], in_dims))
     out_def = out_info["def"]
     leaves = [next(results) if is_tensor else x for is_tensor, x in out_info["static"]]
-    axes = _tree.broadcast_prefix(out_axes, _tree.unflatten(leaves, out_def), "out_axes")
+    axes = _tree.broadcast_prefix(out_axes, _tree.unflatten(leaves, out_def), "out_axes",
+                                  "outputs")
     paths = [p for p, _ in _tree.leaves_with_path(_tree.unflatten(leaves, out_def), "out")]
     placed = [_place(x, a, p) for x, a, p in zip(leaves, axes, paths, strict=True)]
     out = _tree.unflatten(placed, out_def)
@@ -184,11 +188,19 @@ def _rebuild_args(values: list, treedef: Any) -> tuple:
     return _tree.unflatten(leaves, treedef)
 
 
+def _same_on_every_replica(x: torch.Tensor) -> bool:
+    first = x[:1].expand_as(x)
+    same = x == first
+    if x.is_floating_point() or x.is_complex():
+        same = same | (torch.isnan(x) & torch.isnan(first))
+    return bool(same.all())
+
+
 def _place(x: Any, axis: int | None, path: str) -> Any:
     if not isinstance(x, torch.Tensor):
         return x
     if axis is None:
-        if x.shape[0] > 1 and x.stride(0) != 0 and not torch.equal(x, x[:1].expand_as(x)):
+        if x.shape[0] > 1 and x.stride(0) != 0 and not _same_on_every_replica(x):
             raise ValueError(
                 f"pmap: out_axes=None for {path}, but its value differs across replicas; "
                 f"use out_axes=0, or reduce it inside the function (e.g. fdp.pmean)"

@@ -93,12 +93,19 @@ def scatter(batch: Any, mesh: Mesh, dim: int = 0, split: SplitRule = "chunk") ->
     return Sharded(data, layout)
 
 
-def gather(outs: Any, mesh: Mesh, dim: int = 0) -> Any:
+def gather(outs: Any, mesh: Mesh, dim: int | None = None) -> Any:
     """Concatenates per-replica rows back into one batch, in the original order.
 
     ``outs`` is a :class:`Sharded` (from :func:`scatter`, or :func:`fdp.pmap` over sharded
     inputs): padding rows are dropped. A plain tree with a leading replica axis is treated as an
     even split.
+
+    Args:
+        outs: per-replica rows.
+        mesh: the mesh.
+        dim: the per-replica batch dimension of every leaf. Default: the dimension the batch
+            was scattered along (``outs.layout.dim``), or 0 for a plain tree. Give it when
+            ``pmap`` produced outputs whose batch axis is elsewhere.
 
     Example:
         >>> mesh = fdp.Mesh(2)
@@ -106,9 +113,9 @@ def gather(outs: Any, mesh: Mesh, dim: int = 0) -> Any:
         tensor([0., 1., 2., 3., 4.])
     """
     _check.mesh(mesh, "gather")
-    _check.integer(dim, "gather", "dim")
     if isinstance(outs, Sharded):
         tree, layout = outs.data, outs.layout
+        dim = layout.dim if dim is None else dim
         if len(layout.sizes) != mesh.size:
             raise ValueError(
                 f"gather: outs was split over {len(layout.sizes)} replicas but the mesh has "
@@ -116,6 +123,8 @@ def gather(outs: Any, mesh: Mesh, dim: int = 0) -> Any:
             )
     else:
         tree, layout = outs, None
+        dim = 0 if dim is None else dim
+    _check.integer(dim, "gather", "dim")
     pairs = _check.replica_axis(tree, mesh, "gather", "outs", static_ok=True)
     for path, leaf in pairs:
         per_replica = leaf.dim() - 1

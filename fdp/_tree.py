@@ -60,25 +60,32 @@ def map_with_path(
     root: str = "",
     is_leaf: Callable[[Any], bool] | None = None,
 ) -> PyTree:
-    """Maps ``fn(path_string, leaf, *other_leaves)`` over one or more trees of equal structure."""
+    """Maps ``fn(path_string, leaf, *other_leaves)`` over trees with the same key paths.
+
+    Leaves of ``rest`` are matched to ``tree``'s by key path, not by position, so dicts whose
+    keys were inserted in another order still line up. The result has ``tree``'s structure.
+    """
     pairs, treedef = pytree.tree_flatten_with_path(tree, is_leaf=is_leaf)
-    others = []
-    for i, other in enumerate(rest):
-        leaves, other_def = pytree.tree_flatten(other, is_leaf=is_leaf)
-        if other_def != treedef:
-            raise ValueError(
-                f"tree {i + 1} does not have the structure of the first tree: "
-                f"{other_def} != {treedef}"
-            )
-        others.append(leaves)
-    out = [
-        fn(keystr(path, root), leaf, *(o[j] for o in others))
-        for j, (path, leaf) in enumerate(pairs)
-    ]
+    keys = [keystr(path, root) for path, _ in pairs]
+    others = [_aligned(other, keys, root, is_leaf, i + 1) for i, other in enumerate(rest)]
+    out = [fn(key, leaf, *(o[j] for o in others))
+           for j, (key, (_, leaf)) in enumerate(zip(keys, pairs, strict=True))]
     return pytree.tree_unflatten(out, treedef)
 
 
-def broadcast_prefix(prefix: PyTree, tree: PyTree, what: str = "prefix") -> list[Any]:
+def _aligned(other: PyTree, keys: list[str], root: str, is_leaf: Any, index: int) -> list[Any]:
+    by_path = dict(leaves_with_path(other, root, is_leaf))
+    if by_path.keys() != set(keys):
+        missing = sorted(set(keys) - by_path.keys())[:3]
+        extra = sorted(by_path.keys() - set(keys))[:3]
+        raise ValueError(f"tree {index} does not have the key paths of the first tree: "
+                         f"missing {missing}, unexpected {extra}")
+    return [by_path[k] for k in keys]
+
+
+def broadcast_prefix(
+    prefix: PyTree, tree: PyTree, what: str = "prefix", of: str = "arguments"
+) -> list[Any]:
     """Expands ``prefix`` (a tree prefix of ``tree``, like JAX's in_axes) to one value per leaf.
 
     Raises:
@@ -88,8 +95,8 @@ def broadcast_prefix(prefix: PyTree, tree: PyTree, what: str = "prefix") -> list
     flat = pytree._broadcast_to_and_flatten(prefix, treedef)
     if flat is None:
         raise ValueError(
-            f"{what}={prefix!r} does not match the structure of the arguments {treedef}; "
-            f"give one value per argument (a tree prefix), e.g. {what}=(0, None)"
+            f"{what}={prefix!r} does not match the structure of the {of} {treedef}; "
+            f"give a tree prefix of the {of}, e.g. one value per entry: {what}=(0, None)"
         )
     return flat
 
@@ -98,6 +105,8 @@ def stack(trees: Sequence[PyTree], dim: int = 0) -> PyTree:
     """Stacks trees of equal structure leaf by leaf along a new axis ``dim``."""
     if len(trees) == 0:
         raise ValueError("stack: trees is empty; give at least one tree")
+    for i, t in enumerate(trees):
+        _require_tensors(t, f"trees[{i}]", "stack")
     flats = [pytree.tree_flatten(t) for t in trees]
     treedef = flats[0][1]
     for i, (_, d) in enumerate(flats):
@@ -109,6 +118,7 @@ def stack(trees: Sequence[PyTree], dim: int = 0) -> PyTree:
 
 def unstack(tree: PyTree, dim: int = 0) -> list[PyTree]:
     """Splits every leaf along ``dim`` and returns one tree per index (inverse of :func:`stack`)."""
+    _require_tensors(tree, "tree", "unstack")
     leaves, treedef = pytree.tree_flatten(tree)
     if not leaves:
         raise ValueError("unstack: tree has no leaves")
@@ -117,6 +127,12 @@ def unstack(tree: PyTree, dim: int = 0) -> list[PyTree]:
         raise ValueError(f"unstack: leaves have different sizes {sorted(sizes)} at dim {dim}")
     parts = [leaf.unbind(dim) for leaf in leaves]
     return [pytree.tree_unflatten(list(p), treedef) for p in zip(*parts, strict=True)]
+
+
+def _require_tensors(tree: PyTree, root: str, fn: str) -> None:
+    for path, leaf in leaves_with_path(tree, root):
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(f"{fn}: {path} is a {type(leaf).__name__}, not a torch.Tensor")
 
 
 def ravel(tree: PyTree) -> tuple[torch.Tensor, Callable[[torch.Tensor], PyTree]]:
@@ -132,13 +148,12 @@ def ravel(tree: PyTree) -> tuple[torch.Tensor, Callable[[torch.Tensor], PyTree]]
         >>> unravel(flat)["a"].shape
         torch.Size([2, 2])
     """
+    _require_tensors(tree, "tree", "ravel")
     pairs = leaves_with_path(tree, "tree")
     if not pairs:
         raise ValueError("ravel: tree has no leaves")
     first_path, first = pairs[0]
     for path, leaf in pairs:
-        if not isinstance(leaf, torch.Tensor):
-            raise TypeError(f"ravel: {path} is a {type(leaf).__name__}, not a torch.Tensor")
         if leaf.dtype != first.dtype or leaf.device != first.device:
             raise ValueError(
                 f"ravel: {path} is {leaf.dtype} on {leaf.device} but {first_path} is "
@@ -162,12 +177,18 @@ def ravel(tree: PyTree) -> tuple[torch.Tensor, Callable[[torch.Tensor], PyTree]]
 
 
 def _first_mismatch(actual: PyTree, expected: PyTree, rtol: float, atol: float) -> str | None:
-    a_pairs, a_def = pytree.tree_flatten_with_path(actual)
-    e_leaves, e_def = pytree.tree_flatten(expected)
-    if a_def != e_def:
-        return f"structures differ: {a_def} != {e_def}"
-    for (path, a), e in zip(a_pairs, e_leaves, strict=True):
-        where = keystr(path, "tree")
+    a_leaves = dict(leaves_with_path(actual, "tree"))
+    e_pairs = leaves_with_path(expected, "tree")
+    if a_leaves.keys() != {p for p, _ in e_pairs}:
+        missing = sorted({p for p, _ in e_pairs} - a_leaves.keys())[:3]
+        extra = sorted(a_leaves.keys() - {p for p, _ in e_pairs})[:3]
+        return f"structures differ: missing {missing}, unexpected {extra}"
+    for where, e in e_pairs:
+        a = a_leaves[where]
+        if hasattr(a, "__array__") and not isinstance(a, torch.Tensor):
+            a = torch.as_tensor(a)
+        if hasattr(e, "__array__") and not isinstance(e, torch.Tensor):
+            e = torch.as_tensor(e)
         if isinstance(a, torch.Tensor) != isinstance(e, torch.Tensor):
             return f"{where}: {type(a).__name__} vs {type(e).__name__}"
         if not isinstance(a, torch.Tensor):

@@ -12,7 +12,7 @@ from torch import nn
 import fdp
 
 F64_REL = 1e-10  # float64: DP equals single-device up to summation order
-F32_REL = 2e-4  # float32: loose, for realism
+F32_REL = 1e-5  # float32: loose enough for accumulation order (worst seen ~1e-6)
 
 
 def assert_close(actual: Any, expected: Any, rel: float) -> None:

@@ -28,15 +28,16 @@ def _single(loss_fn, params, batch):
     return loss, grads
 
 
-def _classifier(module: nn.Module):
+def _classifier(module: nn.Module, reduction: str = "mean"):
     model = fdp.functionalize(module)
 
     def loss_fn(params, batch):
         out, _ = model.apply(params, model.buffers, batch["x"])
-        return nn.functional.cross_entropy(out, batch["y"])
+        return nn.functional.cross_entropy(out, batch["y"], reduction=reduction)
 
     forward = lambda p, b: model.apply(p, model.buffers, b["x"])[0]  # noqa: E731
-    criterion = lambda out, b: nn.functional.cross_entropy(out, b["y"])  # noqa: E731
+    criterion = lambda out, b: nn.functional.cross_entropy(  # noqa: E731
+        out, b["y"], reduction=reduction)
     return model, loss_fn, fdp.split_loss(forward, criterion)
 
 
@@ -48,17 +49,14 @@ def _check(loss_fn, mesh, params, batch, split, rel, **kw):
 
 
 @given(n=mesh_sizes, b=batch_sizes, data=st.data(),
-       strategy=st.sampled_from(["weighted", "gather"]))
-def test_mlp_float64(n, b, data, strategy):
-    torch.set_default_dtype(torch.float64)
-    try:
-        model, loss_fn, split_fn = _classifier(make_mlp())
-        batch = {"x": torch.randn(b, 5), "y": torch.randint(0, 3, (b,))}
-        fn = split_fn if strategy == "gather" else loss_fn
-        _check(fn, fdp.Mesh(n), model.params, batch, data.draw(splits(b, n)), F64_REL,
-               strategy=strategy)
-    finally:
-        torch.set_default_dtype(torch.float32)
+       strategy=st.sampled_from(["weighted", "gather"]), reduction=st.sampled_from(["mean",
+                                                                                     "sum"]))
+def test_mlp_float64(n, b, data, strategy, reduction):
+    model, loss_fn, split_fn = _classifier(make_mlp().double(), reduction)
+    batch = {"x": torch.randn(b, 5, dtype=torch.float64), "y": torch.randint(0, 3, (b,))}
+    fn = split_fn if strategy == "gather" else loss_fn
+    _check(fn, fdp.Mesh(n), model.params, batch, data.draw(splits(b, n)), F64_REL,
+           strategy=strategy, reduction=reduction)
 
 
 @given(n=mesh_sizes, b=batch_sizes, data=st.data(),
@@ -71,27 +69,32 @@ def test_mlp_float32(n, b, data, strategy):
            strategy=strategy)
 
 
-@given(n=mesh_sizes, b=st.integers(1, 24), data=st.data(),
-       strategy=st.sampled_from(["weighted", "gather"]))
-def test_cnn_float64(n, b, data, strategy):
-    model, loss_fn, split_fn = _classifier(cnn().double())
-    batch = {"x": torch.randn(b, 1, 8, 8, dtype=torch.float64), "y": torch.randint(0, 3, (b,))}
+@given(n=mesh_sizes, b=batch_sizes, data=st.data(),
+       strategy=st.sampled_from(["weighted", "gather"]),
+       dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_cnn(n, b, data, strategy, dtype):
+    model, loss_fn, split_fn = _classifier(cnn().to(dtype))
+    batch = {"x": torch.randn(b, 1, 8, 8, dtype=dtype), "y": torch.randint(0, 3, (b,))}
     fn = split_fn if strategy == "gather" else loss_fn
-    _check(fn, fdp.Mesh(n), model.params, batch, data.draw(splits(b, n)), F64_REL,
+    rel = F64_REL if dtype == torch.float64 else F32_REL
+    _check(fn, fdp.Mesh(n), model.params, batch, data.draw(splits(b, n)), rel,
            strategy=strategy)
 
 
-@given(n=mesh_sizes, b=batch_sizes, data=st.data(), reduction=st.sampled_from(["mean", "sum"]))
-def test_kwargs_model_nested_batch(n, b, data, reduction):
+@given(n=mesh_sizes, b=batch_sizes, data=st.data(), reduction=st.sampled_from(["mean", "sum"]),
+       strategy=st.sampled_from(["weighted", "gather"]))
+def test_kwargs_model_nested_batch(n, b, data, reduction, strategy):
     """kwargs into the model, a nested batch (dict, tuple), a non-tensor leaf, mean/sum loss."""
     model = fdp.functionalize(KwargsNet().double())
     reduce = torch.mean if reduction == "mean" else torch.sum
 
-    def loss_fn(params, batch):
+    def forward(params, batch):
         inputs = {"x": batch["inputs"]["x"], "aux": batch["inputs"]["aux"]}
         out, _ = model.apply(params, model.buffers, inputs, scale=batch["scale"],
                              mask=batch["mask"])
-        return reduce((out - batch["target"]) ** 2)
+        return out
+
+    loss_fn = fdp.split_loss(forward, lambda out, batch: reduce((out - batch["target"]) ** 2))
 
     f64 = dict(dtype=torch.float64)
     batch = {
@@ -101,11 +104,11 @@ def test_kwargs_model_nested_batch(n, b, data, reduction):
         "scale": 0.7,  # a non-tensor leaf: broadcast to every replica
     }
     _check(loss_fn, fdp.Mesh(n), model.params, batch, data.draw(splits(b, n)), F64_REL,
-           reduction=reduction)
+           reduction=reduction, strategy=strategy)
 
 
-@given(n=mesh_sizes, b=st.integers(1, 16), data=st.data())
-def test_batch_dim_1(n, b, data):
+@given(n=mesh_sizes, b=st.integers(1, 16), data=st.data(), dim=st.sampled_from([1, -2]))
+def test_batch_dim_1(n, b, data, dim):
     """Sequence-first batches: split along dim=1 (and gather outputs along dim=1)."""
     lin = nn.Linear(3, 2).double()
     model = fdp.functionalize(lin)
@@ -121,7 +124,7 @@ def test_batch_dim_1(n, b, data):
              "y": torch.randn(4, b, 2, dtype=torch.float64)}
     split = data.draw(splits(b, n))
     for strategy in ("weighted", "gather"):
-        _check(loss, fdp.Mesh(n), model.params, batch, split, F64_REL, dim=1,
+        _check(loss, fdp.Mesh(n), model.params, batch, split, F64_REL, dim=dim,
                strategy=strategy)
 
 
@@ -137,6 +140,7 @@ def test_has_aux_weighted_and_gather():
         model.params, batch)
     assert aux["n"].tolist() == [3.0, 3.0, 3.0, 1.0]  # chunk split of 10 over 4
     ref_loss, ref_grads = _single(loss_fn, model.params, batch)
+    assert_close(loss, ref_loss, F64_REL)
     assert_close(grads, ref_grads, F64_REL)
 
     crit = fdp.split_loss(split_fn.forward, lambda o, b: (split_fn.criterion(o, b), o.shape[0]))
@@ -144,6 +148,7 @@ def test_has_aux_weighted_and_gather():
                                              strategy="gather")(model.params, batch)
     assert rows == 10
     assert_close(loss, ref_loss, F64_REL)
+    assert_close(grads, ref_grads, F64_REL)
 
 
 @pytest.mark.parametrize("grad_mode", ["plain", "func", "requires_grad"])

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
-from torch.func import grad, jacrev, vmap
+from torch.func import grad, hessian, jacrev, jvp, vmap
 
 import fdp
 from tests.helpers import F64_REL, assert_close, batch_sizes, mesh_sizes, splits
@@ -199,3 +199,59 @@ def test_pmap_of_a_functionalized_module_matches_the_module():
     out = fdp.pmap(lambda p, xb: model.apply(p, model.buffers, xb)[0], mesh, in_axes=(None, 0))(
         model.params, fdp.scatter(x, mesh))
     assert_close(fdp.gather(out, mesh), module(x).detach(), F64_REL)
+
+
+@given(n=mesh_sizes, op=st.sampled_from(["psum", "pmean", "pmax", "pmin", "all_gather"]))
+def test_forward_mode_inside_and_outside_pmap(n, op):
+    mesh = fdp.Mesh(n)
+    x, t = torch.randn(n, dtype=f64), torch.randn(n, dtype=f64)
+    collective = getattr(fdp, op)
+    reference = {"psum": lambda v: v.sum(), "pmean": lambda v: v.mean(),
+                 "pmax": lambda v: v.amax(), "pmin": lambda v: v.amin(),
+                 "all_gather": lambda v: v}[op]
+    expect = jvp(lambda v: reference(v * v), (x,), (t,))[1]
+    inside = fdp.pmap(lambda v, tv: jvp(lambda y: collective(y * y, "dp"), (v,), (tv,))[1],
+                      mesh)(x, t)
+    outside = jvp(lambda y: fdp.pmap(lambda v: collective(v * v, "dp"), mesh)(y), (x,), (t,))[1]
+    assert_close(inside, expect.expand(n, *expect.shape), F64_REL)
+    assert_close(outside, expect.expand(n, *expect.shape), F64_REL)
+
+
+def test_hessian_through_psum():
+    mesh = fdp.Mesh(3)
+    x = torch.randn(3, dtype=f64)
+    h = hessian(lambda y: fdp.pmap(lambda v: fdp.psum(v**3, "dp"), mesh, out_axes=None)(y))(x)
+    assert_close(h, torch.diag(6 * x), F64_REL)
+
+
+@pytest.mark.parametrize("op", ["pmax", "pmin"])
+def test_tied_extremes_share_the_gradient(op):
+    mesh = fdp.Mesh(4)
+    x = torch.tensor([1.0, 3.0, 3.0, -1.0], dtype=f64) * (1 if op == "pmax" else -1)
+    collective = getattr(fdp, op)
+    g = grad(lambda x: fdp.pmap(lambda v: collective(v, "dp"), mesh, out_axes=None)(x))(x)
+    assert g.tolist() == [0.0, 0.5, 0.5, 0.0]  # as torch.amax/amin: split among the ties
+
+
+def test_nested_all_gather_and_nested_grads():
+    outer, inner = fdp.Mesh(2, axis_name="i"), fdp.Mesh(3, axis_name="j")
+    x = torch.randn(2, 3, dtype=f64)
+
+    def row(r):
+        return fdp.pmap(lambda v: (fdp.all_gather(v, "i"), fdp.all_gather(v, "j")), inner)(r)
+
+    over_i, over_j = fdp.pmap(row, outer)(x)
+    assert torch.equal(over_i, x.T.expand(2, 3, 2))  # replica (i, j) sees column j
+    assert torch.equal(over_j, x.unsqueeze(1).expand(2, 3, 3))
+
+    def total(x):  # sum_ij x_ij * colsum_j, so d/dx_ij = 2 * colsum_j
+        return fdp.pmap(lambda r: fdp.pmap(lambda v: v * fdp.psum(v, "i"), inner)(r),
+                        outer)(x).sum()
+
+    assert_close(grad(total)(x), 2 * x.sum(0).expand(2, 3), F64_REL)
+
+
+def test_collectives_over_trees_with_none_and_numbers():
+    mesh = fdp.Mesh(3)
+    out = fdp.pmap(lambda v: fdp.psum({"a": v, "b": None, "c": 2}, "dp"), mesh)(torch.ones(3))
+    assert out["b"] is None and out["c"].tolist() == [6, 6, 6] and out["a"].tolist() == [3] * 3

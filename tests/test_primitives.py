@@ -43,8 +43,9 @@ def test_gather_scatter_roundtrip_any_dim(n, b, dim, data):
     shape[dim] = b
     x = torch.randn(*shape)
     sharded = fdp.scatter(x, mesh, dim=dim, split=data.draw(splits(b, n)))
+    assert torch.equal(fdp.gather(sharded, mesh), x)  # defaults to the scatter dim
     assert torch.equal(fdp.gather(sharded, mesh, dim=dim), x)
-    assert torch.equal(fdp.gather(fdp.scatter(x, mesh, dim=dim - 3), mesh, dim=dim - 3), x)
+    assert torch.equal(fdp.gather(fdp.scatter(x, mesh, dim=dim - 3), mesh), x)
 
 
 @given(n=mesh_sizes, b=batch_sizes, data=st.data())
@@ -123,10 +124,7 @@ def test_weighted_mean_by_counts_is_the_global_mean(n, b, data):
     mesh = fdp.Mesh(n)
     x = torch.randn(b, dtype=torch.float64)
     sharded = fdp.scatter(x, mesh, split=data.draw(splits(b, n)))
-    if (sharded.counts == 0).any():
-        means = torch.where(sharded.mask, sharded.data, 0).sum(1) / sharded.counts.clamp(min=1)
-    else:
-        means = (sharded.data * sharded.mask).sum(1) / sharded.counts
+    means = (sharded.data * sharded.mask).sum(1) / sharded.counts  # 0/0 = NaN on empty replicas
     out = fdp.all_reduce(means, mesh, "mean", weights=sharded.counts)
     assert_close(out[0], x.mean(), F64_REL)
 
@@ -137,3 +135,10 @@ def test_integer_and_bool_leaves_survive_scatter_gather(n):
     batch = {"i": torch.arange(7), "b": torch.arange(7) % 2 == 0}
     back = fdp.gather(fdp.scatter(batch, mesh, split="even"), mesh)
     assert torch.equal(back["i"], batch["i"]) and torch.equal(back["b"], batch["b"])
+
+
+def test_primitives_place_data_on_the_mesh_device():
+    mesh = fdp.Mesh(2, device="meta")
+    assert fdp.replicate(torch.ones(3), mesh).device.type == "meta"
+    sharded = fdp.scatter(torch.ones(5, 2), mesh)
+    assert sharded.data.device.type == "meta" and sharded.mask.device.type == "meta"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -60,8 +61,25 @@ def test_map_with_path_and_keystr():
     tree = {"a": [torch.ones(1), torch.zeros(1)]}
     paths = fdp.tree.map_with_path(lambda p, x: p, tree, root="t")
     assert paths == {"a": ["t['a'][0]", "t['a'][1]"]}
-    with pytest.raises(ValueError, match="structure"):
+    with pytest.raises(ValueError, match=r"missing \[\"\['a'\]\[1\]\"\]"):
         fdp.tree.map_with_path(lambda p, x, y: x, tree, {"a": [1]})
+
+
+def test_trees_are_matched_by_key_path_not_insertion_order():
+    a = {"x": torch.ones(1), "y": torch.zeros(2)}
+    b = {"y": torch.zeros(2), "x": torch.ones(1)}
+    assert fdp.tree.allclose(a, b)
+    summed = fdp.tree.map_with_path(lambda p, u, v: u + v, a, b)
+    assert list(summed) == ["x", "y"] and torch.equal(summed["y"], torch.zeros(2))
+    assert fdp.tree.allclose({"n": np.ones(2)}, {"n": np.ones(2)})
+    assert not fdp.tree.allclose({"n": np.ones(2)}, {"n": np.zeros(2)})
+
+
+def test_stack_and_unstack_name_non_tensor_leaves():
+    with pytest.raises(TypeError, match=r"trees\[1\]\['a'\] is a int"):
+        fdp.tree.stack([{"a": torch.ones(1)}, {"a": 3}])
+    with pytest.raises(TypeError, match=r"tree\['a'\] is a str"):
+        fdp.tree.unstack({"a": "s"})
 
 
 def test_ravel_rejects_mixed_dtypes():

@@ -23,12 +23,14 @@ class VmapBackend(Backend):
         self.device = device
 
     def replicate(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device)  # no copy when already there
         return x.unsqueeze(0).expand(self.size, *x.shape)  # zero-copy
 
     def unreplicate(self, x: torch.Tensor) -> torch.Tensor:
         return x[0]
 
     def shard(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+        x = x.to(self.device)
         dim = layout.dim % x.dim()
         if layout.even:  # a view: no copy
             return x.unflatten(dim, (self.size, layout.max_size)).movedim(dim, 0)
@@ -48,7 +50,8 @@ class VmapBackend(Backend):
         if weights is not None:
             w = weights.to(dtype=x.dtype, device=x.device)
             w = w.reshape(self.size, *([1] * (x.dim() - 1)))
-            out = (w * x).sum(0) / w.sum()
+            # where, not w * x: a replica with weight 0 (no rows) may hold NaN (a 0/0 mean)
+            out = torch.where(w > 0, w * x, 0).sum(0) / w.sum()
         elif op == "sum":
             out = x.sum(0)
         elif op == "mean":
@@ -152,15 +155,14 @@ def _weighted_total(plan, groups, group_inputs, per_replica, in_dims):
 
 
 def _gathered_total(plan, batch, groups, group_inputs, per_replica, in_dims):
-    out_dim = plan.out_dim
-
     def total(params: dict) -> tuple[torch.Tensor, Any]:
         parts = []
         for first, k, s in groups:
             fn = per_replica(lambda shard: plan.loss.forward(params, shard))
-            out = vmap(fn, in_dims=in_dims, out_dims=out_dim)(*group_inputs(first, k, s))
-            parts.append(_tree_flatten_pair(out, out_dim))
-        outputs = _tree_cat(parts, out_dim)
+            out = vmap(fn, in_dims=in_dims)(*group_inputs(first, k, s))
+            parts.append(_tree.map_with_path(
+                lambda path, x, s=s: _merge_replicas(path, x, plan.out_dim, s), out, root="out"))
+        outputs = _tree_cat(parts, plan.out_dim)
         result = plan.call_criterion(outputs, batch)
         loss, aux = result if plan.has_aux else (result, None)
         return loss, aux
@@ -168,8 +170,18 @@ def _gathered_total(plan, batch, groups, group_inputs, per_replica, in_dims):
     return total
 
 
-def _tree_flatten_pair(tree: Any, dim: int) -> Any:
-    return _tree.map_with_path(lambda _, x: x.flatten(dim, dim + 1), tree)
+def _merge_replicas(path: str, x: Any, dim: int, rows: int) -> torch.Tensor:
+    """``[k, ..., rows at dim, ...]`` -> ``[..., k * rows at dim, ...]`` (replica-major order)."""
+    if not isinstance(x, torch.Tensor) or not -(x.dim() - 1) <= dim < x.dim() - 1 \
+            or x.shape[1:][dim] != rows:
+        shape = tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(
+            f"value_and_grad: forward returned {shape} at {path} for a shard of {rows} rows; "
+            f"with strategy='gather' it must return per-example outputs (tensors with the "
+            f"rows at dim={dim})"
+        )
+    d = dim % (x.dim() - 1)
+    return x.movedim(0, d).flatten(d, d + 1)
 
 
 def _tree_cat(parts: list[Any], dim: int) -> Any:
@@ -178,7 +190,7 @@ def _tree_cat(parts: list[Any], dim: int) -> Any:
     flats = [_tree.flatten(p) for p in parts]
     treedef = flats[0][1]
     cols = zip(*(f[0] for f in flats), strict=True)
-    return _tree.unflatten([torch.cat(list(c), dim) for c in cols], treedef)
+    return _tree.unflatten([torch.cat(c, dim % c[0].dim()) for c in cols], treedef)
 
 
 def _concat_aux(auxes: list[Any]) -> Any:
