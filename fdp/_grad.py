@@ -149,29 +149,75 @@ def value_and_grad(
     if isinstance(split, str):
         split_sizes(1, 1, split, "value_and_grad")  # validates the rule's name eagerly
 
+    split_key = split if isinstance(split, str) else tuple(split)
+    device = mesh.devices[0]
+
     def run(params: dict[str, torch.Tensor], batch: Any) -> tuple[Any, dict]:
-        _check.param_dict(params, "value_and_grad")
-        if not params:
-            raise ValueError("value_and_grad: params is empty; there is nothing to "
-                             "differentiate")
-        _check.on_device([(f"params[{k!r}]", v) for k, v in params.items()], mesh,
-                         "value_and_grad")
-        for key, value in params.items():
-            if not value.is_floating_point():
-                raise TypeError(f"value_and_grad: params[{key!r}] is {value.dtype}; gradients "
-                                f"need floating-point parameters")
-        layout, batch = _resolve_batch(batch, mesh, split, dim)
+        # Fast checks first; the thorough ones (which name key paths) run only on failure.
+        if not _params_ok(params, device):
+            _check_params(params, mesh)
+        rows = _fast_rows(batch, dim, device)
+        if rows is None:
+            rows = _checked_rows(batch, mesh, dim)
+        layout = _layout(rows, mesh.size, split_key, dim)
         plan = GradPlan(loss_fn, strategy, has_aux, reduction, layout, dim)
         return mesh.impl.value_and_grad(plan, params, batch)
 
     return run
 
 
-def _resolve_batch(batch: Any, mesh: Mesh, split: SplitRule, dim: int) -> tuple[Layout, Any]:
+def _params_ok(params: Any, device: torch.device) -> bool:
+    return isinstance(params, dict) and bool(params) and all(
+        isinstance(v, torch.Tensor) and v.is_floating_point() and v.device == device
+        for v in params.values())
+
+
+def _check_params(params: Any, mesh: Mesh) -> None:
+    _check.param_dict(params, "value_and_grad")
+    if not params:
+        raise ValueError("value_and_grad: params is empty; there is nothing to differentiate")
+    _check.on_device([(f"params[{k!r}]", v) for k, v in params.items()], mesh,
+                     "value_and_grad")
+    for key, value in params.items():
+        if not value.is_floating_point():
+            raise TypeError(f"value_and_grad: params[{key!r}] is {value.dtype}; gradients "
+                            f"need floating-point parameters")
+
+
+def _fast_rows(batch: Any, dim: int, device: torch.device) -> int | None:
+    """The batch size of a well-formed batch, or None to run the thorough checks."""
+    rows = None
+    for leaf in _tree.flatten(batch, is_leaf=lambda x: isinstance(x, Sharded))[0]:
+        if isinstance(leaf, torch.Tensor):
+            if leaf.device != device or not -leaf.dim() <= dim < leaf.dim():
+                return None
+            if rows is None:
+                rows = leaf.shape[dim]
+            elif leaf.shape[dim] != rows:
+                return None
+        elif isinstance(leaf, Sharded) or hasattr(leaf, "__array__"):
+            return None
+    return rows or None
+
+
+def _checked_rows(batch: Any, mesh: Mesh, dim: int) -> int:
     if isinstance(batch, Sharded):
         raise TypeError("value_and_grad: pass the full batch, not fdp.scatter's output; "
                         "choose the split with value_and_grad(..., split=...)")
     rows = batch_size(batch, dim, "value_and_grad")
     _check.on_device(_check.batch_leaves(batch, "value_and_grad", "batch"), mesh,
                      "value_and_grad")
-    return Layout(split_sizes(rows, mesh.size, split, "value_and_grad"), dim), batch
+    return rows
+
+
+_LAYOUTS: dict[tuple, Layout] = {}  # a plain dict: torch.compile traces it, unlike lru_cache
+
+
+def _layout(rows: int, n: int, split: str | tuple[int, ...], dim: int) -> Layout:
+    key = (rows, n, split, dim)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        if len(_LAYOUTS) > 1024:
+            _LAYOUTS.clear()
+        layout = _LAYOUTS[key] = Layout(split_sizes(rows, n, split, "value_and_grad"), dim)
+    return layout

@@ -79,10 +79,11 @@ class VmapBackend(Backend):
         """
         leaves, treedef = _tree.flatten(batch)
         dims = [plan.layout.dim % leaf.dim() if _is_tensor(leaf) else None for leaf in leaves]
-        groups = plan.layout.groups()
+        groups = plan.layout.groups
 
         def group_inputs(first: int, k: int, s: int) -> list[torch.Tensor]:
-            return [leaf.narrow(d, first, k * s).unflatten(d, (k, s))
+            return [(leaf if k * s == leaf.shape[d] else leaf.narrow(d, first, k * s))
+                    .unflatten(d, (k, s))
                     for leaf, d in zip(leaves, dims, strict=True) if d is not None]
 
         def per_replica(fn: Callable[[Any], Any]) -> Callable[..., Any]:
@@ -124,12 +125,15 @@ def _plain_autograd_ok(params: dict) -> bool:
 def _autograd_value_and_grad(total: Callable, params: dict, has_aux: bool) -> tuple[Any, dict]:
     leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
     loss, aux = total(leaves)
-    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-    grads = {k: torch.zeros_like(v) if g is None else g
-             for (k, v), g in zip(leaves.items(), grads, strict=True)}
-    loss = loss.detach()
+    grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()),
+                                                 allow_unused=True), strict=True))
+    for k, g in grads.items():
+        if g is None:  # a parameter the loss does not use (torch.func.grad gives zeros too)
+            grads[k] = torch.zeros_like(params[k])
+    if not has_aux:
+        return loss.detach(), grads
     aux = _tree.map_with_path(lambda _, x: x.detach() if _is_tensor(x) else x, aux)
-    return ((loss, aux) if has_aux else loss), grads
+    return (loss.detach(), aux), grads
 
 
 def _is_tensor(x: Any) -> bool:

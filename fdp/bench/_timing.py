@@ -1,7 +1,9 @@
-"""Interleaved timing: every candidate runs once per round, so drift hits all of them alike."""
+"""Interleaved timing: every candidate runs once per round, in a fresh random order, so drift
+and the position in the round hit all of them alike."""
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -15,8 +17,12 @@ def time_interleaved(
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns)
+    shuffle = random.Random(0).shuffle
     for _ in range(rounds):
-        for name, fn in fns.items():
+        shuffle(order)
+        for name in order:
+            fn = fns[name]
             start = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - start) * 1e3)
