@@ -3,8 +3,9 @@
 Measures (each ratio from candidates timed interleaved in the same run):
   eager    fdp DP step (vmap, N=8) / plain module forward+backward, per workload
   sweep    fdp DP step for N = 2..32 / plain, and its spread (max/min over N)
-  compile  torch.compile'd fdp DP step (N=8) / plain eager
-  memory   peak RSS of the DP step / the functional single-device step (subprocesses)
+  compile  torch.compile'd fdp DP step (N=8) / plain eager (and compiled single-device, for scale)
+  memory   peak memory of the DP step / the functional single-device step (subprocesses,
+           larger batches so that activations dominate)
 """
 
 from __future__ import annotations
@@ -55,23 +56,31 @@ def bench_sweep(workloads: list[str], rounds: int, sizes: list[int], table: list
 def bench_compile(workloads: list[str], rounds: int, n: int, table: list) -> None:
     for key in workloads:
         w = _models.WORKLOADS[key]()
-        compiled = _models.dp_step(w, n, compiled=True)
-        compiled()  # compile outside the timed rounds
-        res = time_interleaved({"plain": _models.plain_step(w), "compiled": compiled}, rounds)
+        fns = {"plain": _models.plain_step(w),
+               "single": _models.functional_step(w, compiled=True),
+               "dp": _models.dp_step(w, n, compiled=True)}
+        fns["single"](), fns["dp"]()  # compile outside the timed rounds
+        res = time_interleaved(fns, rounds)
         _row(table, "compile", f"{w.name}: plain module fwd+bwd", res["plain"], None)
-        _row(table, "compile", f"{w.name}: compiled fdp DP N={n}", res["compiled"], res["plain"])
+        _row(table, "compile", f"{w.name}: compiled single-device func", res["single"],
+             res["plain"])
+        _row(table, "compile", f"{w.name}: compiled fdp DP N={n}", res["dp"], res["plain"])
 
 
 def bench_memory(workloads: list[str], sizes: list[int], table: list) -> None:
     for key in workloads:
+        batch = _models.MEMORY_BATCH[key]
         base = _memory.measure(key, "functional")
-        table.append({"measure": "memory", "name": f"{key}: functional single-device",
+        table.append({"measure": "memory", "name": f"{key} B={batch}: functional single-device",
                       **base, "ratio": None})
+        plain = _memory.measure(key, "plain")
+        table.append({"measure": "memory", "name": f"{key} B={batch}: plain module fwd+bwd",
+                      **plain, "ratio": plain["step_peak_mib"] / base["step_peak_mib"]})
         for n in sizes:
             dp = _memory.measure(key, "dp", n)
-            table.append({"measure": "memory", "name": f"{key}: fdp DP N={n}", **dp,
-                          "ratio": dp["peak_rss_mib"] / base["peak_rss_mib"],
-                          "step_ratio": dp["step_peak_mib"] / max(base["step_peak_mib"], 1e-9)})
+            table.append({"measure": "memory", "name": f"{key} B={batch}: fdp DP N={n}", **dp,
+                          "ratio": dp["step_peak_mib"] / max(base["step_peak_mib"], 1e-9),
+                          "total_ratio": dp["peak_rss_mib"] / base["peak_rss_mib"]})
 
 
 def _print(table: list[dict[str, Any]]) -> None:
@@ -85,8 +94,8 @@ def _print(table: list[dict[str, Any]]) -> None:
             cols = " " * 29
         ratio = f"{r['ratio']:7.3f}" if r.get("ratio") is not None else ""
         print(f"{r['measure']:8} {r['name'][:52]:52} {cols} {ratio}")
-    print("times in ms; memory rows: peak RSS, peak above the pre-step RSS; ratio vs the row "
-          "above its group (plain, or functional single-device)")
+    print("times in ms. memory rows: peak RSS of the process, then the step's peak above the "
+          "pre-step RSS; their ratio is of the step peaks. ratio: vs the first row of the group")
 
 
 def main(argv: list[str] | None = None) -> int:

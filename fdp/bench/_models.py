@@ -52,6 +52,7 @@ def cnn(batch_size: int = 64) -> Workload:
 
 
 WORKLOADS = {"mlp": mlp, "cnn": cnn}
+MEMORY_BATCH = {"mlp": 4096, "cnn": 1024}  # large enough that activations dominate the step
 
 
 def plain_step(w: Workload) -> Callable[[], Any]:
@@ -67,10 +68,12 @@ def plain_step(w: Workload) -> Callable[[], Any]:
     return step
 
 
-def functional_step(w: Workload) -> Callable[[], Any]:
+def functional_step(w: Workload, compiled: bool = False) -> Callable[[], Any]:
     """Single-device functional step: torch.func.grad of the same loss."""
     loss, params, batch = w.loss_fn(), w.params(), w.batch
     fn = grad_and_value(loss)
+    if compiled:
+        fn = torch.compile(fn)
     return lambda: fn(params, batch)
 
 
