@@ -1,0 +1,109 @@
+"""``fdp.accumulate``: gradient accumulation over microbatches as a pure transform."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from fdp import _check, _tree
+from fdp._layout import SplitRule, split_sizes
+from fdp._primitives import batch_size
+
+__all__ = ["accumulate"]
+
+ValueAndGrad = Callable[[Any, Any], tuple[Any, Any]]
+
+
+def accumulate(
+    value_and_grad_fn: ValueAndGrad,
+    microbatches: int,
+    *,
+    has_aux: bool = False,
+    split: SplitRule = "even",
+    dim: int = 0,
+    reduction: str = "mean",
+) -> ValueAndGrad:
+    """Runs ``value_and_grad_fn`` on ``microbatches`` slices of the batch, one after another,
+    and combines them into the full batch's loss and gradient.
+
+    Microbatch ``m`` with ``Bₘ`` of the ``B`` rows is weighted by ``Bₘ / B`` (``reduction=
+    "mean"``) or 1 (``"sum"``), so unequal microbatches give exactly the full-batch result, as
+    for replicas. Peak memory is that of one microbatch. It composes with
+    :func:`fdp.value_and_grad` (each microbatch is then split over the mesh) and with plain
+    ``torch.func.grad_and_value``-style functions that return ``(loss, grads)``.
+
+    Args:
+        value_and_grad_fn: ``(params, batch) -> (loss, grads)`` (``((loss, aux), grads)`` with
+            ``has_aux``), where ``loss`` is a mean (or sum) over the rows it is given.
+        microbatches: how many slices (≥ 1). Slices with no rows (more slices than rows) are
+            skipped.
+        has_aux: ``value_and_grad_fn`` returns ``((loss, aux), grads)``; the aux values of the
+            microbatches come back concatenated along dim 0.
+        split: how rows are divided among microbatches (see :func:`fdp.scatter`).
+        dim: the batch dimension of every tensor in the batch.
+        reduction: ``"mean"`` or ``"sum"``, as the loss reduces over rows.
+
+    Example:
+        >>> params = {"w": torch.ones(3)}
+        >>> loss_fn = lambda p, b: (b @ p["w"]).pow(2).mean()
+        >>> vg = fdp.accumulate(fdp.value_and_grad(loss_fn, fdp.Mesh(2)), microbatches=3)
+        >>> loss, grads = vg(params, torch.randn(10, 3))
+        >>> grads["w"].shape
+        torch.Size([3])
+    """
+    _check.callable_(value_and_grad_fn, "accumulate", "value_and_grad_fn")
+    _check.integer(microbatches, "accumulate", "microbatches")
+    if microbatches < 1:
+        raise ValueError(f"accumulate: microbatches must be ≥ 1, got {microbatches}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"accumulate: unknown reduction={reduction!r}; use 'mean' or 'sum'")
+    if isinstance(split, str):
+        split_sizes(1, 1, split, "accumulate")
+
+    def run(params: Any, batch: Any) -> tuple[Any, Any]:
+        rows = batch_size(batch, dim, "accumulate")
+        sizes = split_sizes(rows, microbatches, split, "accumulate")
+        loss, grads, auxes, start = None, None, [], 0
+        for size in sizes:
+            if size == 0:
+                continue
+            micro = _tree.map_with_path(
+                lambda _, x, s=start, n=size: _rows(x, dim, s, n), batch)
+            start += size
+            out, g = value_and_grad_fn(params, micro)
+            part_loss, aux = out if has_aux else (out, None)
+            weight = size / rows if reduction == "mean" else 1.0
+            loss = _add(loss, part_loss * weight)
+            grads = g if grads is None and weight == 1.0 else _tree_add(grads, g, weight)
+            auxes.append(aux)
+        if has_aux:
+            return (loss, _concat(auxes)), grads
+        return loss, grads
+
+    return run
+
+
+def _rows(x: Any, dim: int, start: int, size: int) -> Any:
+    return x.narrow(dim, start, size) if isinstance(x, torch.Tensor) else x
+
+
+def _add(acc: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return x if acc is None else acc + x
+
+
+def _tree_add(acc: Any, tree: Any, weight: float) -> Any:
+    if acc is None:
+        return _tree.map_with_path(lambda _, g: g * weight, tree)
+    return _tree.map_with_path(lambda _, a, g: a + g * weight, acc, tree)
+
+
+def _concat(auxes: list[Any]) -> Any:
+    if len(auxes) == 1:
+        return auxes[0]
+    flats = [_tree.flatten(a) for a in auxes]
+    columns = zip(*(f[0] for f in flats), strict=True)
+    return _tree.unflatten(
+        [torch.cat(c) if isinstance(c[0], torch.Tensor) else list(c) for c in columns],
+        flats[0][1])
