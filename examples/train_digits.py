@@ -63,7 +63,8 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    parser.add_argument("--lr", type=float, default=None, help="default: 0.1 sgd, 3e-3 adam")
     parser.add_argument("--out", default="digits_loss.png")
     args = parser.parse_args()
 
@@ -76,8 +77,12 @@ def main() -> None:
         return nn.functional.cross_entropy(logits, batch["y"])
 
     steps_per_epoch = -(-train["y"].shape[0] // args.batch)
-    schedule = fdp.optim.cosine_decay_schedule(args.lr, decay_steps=args.epochs * steps_per_epoch)
-    optimizer = fdp.optim.adam(schedule)
+    lr = args.lr or (0.1 if args.optimizer == "sgd" else 3e-3)
+    schedule = fdp.optim.cosine_decay_schedule(lr, decay_steps=args.epochs * steps_per_epoch)
+    if args.optimizer == "sgd":
+        optimizer = fdp.optim.sgd(schedule, momentum=0.9, nesterov=True)
+    else:
+        optimizer = fdp.optim.adam(schedule)
     mesh = fdp.Mesh(args.replicas)
     dp_step = fdp.data_parallel_step(loss_fn, optimizer, mesh)
     ref_step = single_device_step(loss_fn, optimizer)

@@ -4,7 +4,9 @@ Pure functions, explicit state, named-axis collectives, and proofs of equivalenc
 single-device training. See ``docs/index.md``.
 """
 
-from fdp import tree
+from fdp import optim, tree
+from fdp._accumulate import accumulate
+from fdp._checkpoint import load_checkpoint, save_checkpoint
 from fdp._collectives import all_gather, axis_index, axis_size, pmax, pmean, pmin, psum
 from fdp._functionalize import Model, functionalize
 from fdp._grad import SplitLoss, split_loss, value_and_grad
@@ -12,6 +14,7 @@ from fdp._layout import Layout, Sharded
 from fdp._mesh import Mesh
 from fdp._pmap import pmap
 from fdp._primitives import all_reduce, gather, replicate, scatter, unreplicate
+from fdp._train import TrainState, data_parallel_step
 
 __version__ = "0.1.0"
 
@@ -21,18 +24,24 @@ __all__ = [
     "Model",
     "Sharded",
     "SplitLoss",
+    "TrainState",
+    "accumulate",
     "all_gather",
     "all_reduce",
     "axis_index",
     "axis_size",
+    "data_parallel_step",
     "functionalize",
     "gather",
+    "load_checkpoint",
+    "optim",
     "pmap",
     "pmax",
     "pmean",
     "pmin",
     "psum",
     "replicate",
+    "save_checkpoint",
     "scatter",
     "split_loss",
     "tree",

@@ -30,3 +30,16 @@ def test_bench_quick_writes_json(tmp_path):
     dp_rows = [r for r in data["results"] if "fdp DP" in r["name"]]
     assert dp_rows and all(r["ratio"] > 0 for r in dp_rows)
     assert data["meta"]["torch"] == __import__("torch").__version__
+
+
+def test_digits_example_trains_both_runs_to_the_same_place(tmp_path):
+    png = tmp_path / "loss.png"
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "train_digits.py"),
+                          "--out", str(png)], check=True, capture_output=True, text=True,
+                         timeout=300).stdout
+    accuracies = [float(x) for x in re.findall(r"(?:data-parallel|single device) ([0-9.]+)",
+                                               out)]
+    diff = float(re.search(r"max \|parameter difference\| = ([0-9.e+-]+)", out).group(1))
+    assert len(accuracies) == 2 and min(accuracies) >= 0.95, out
+    assert diff < 1e-4, out  # float32: same run up to summation order
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"

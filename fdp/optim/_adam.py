@@ -1,0 +1,156 @@
+"""Adam (L2 weight decay added to the gradient) and AdamW (decoupled weight decay)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from fdp.optim import _base, _schedules
+from fdp.optim._base import EmptyState, GradientTransformation, PyTree
+
+__all__ = ["AdamState", "adam", "adamw"]
+
+
+class AdamState(NamedTuple):
+    """State of :func:`adam` / :func:`adamw`.
+
+    Attributes:
+        count: number of updates done, a 0-d int64 tensor.
+        mu: first-moment running averages (``exp_avg`` in torch).
+        nu: second-moment running averages (``exp_avg_sq``).
+        nu_max: running maximum of ``nu`` with ``amsgrad=True`` (``max_exp_avg_sq``), else
+            ``EmptyState()`` (a tree with no leaves).
+    """
+
+    count: torch.Tensor
+    mu: PyTree
+    nu: PyTree
+    nu_max: PyTree
+
+
+def _adam(
+    fn: str,
+    learning_rate: float | _schedules.Schedule,
+    b1: float,
+    b2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    decoupled: bool,
+) -> GradientTransformation:
+    _schedules.check_learning_rate(learning_rate, fn)
+    b1 = _base.unit_interval(b1, fn, "b1")
+    b2 = _base.unit_interval(b2, fn, "b2")
+    eps = _base.nonnegative(eps, fn, "eps")
+    wd = _base.nonnegative(weight_decay, fn, "weight_decay")
+    if not isinstance(amsgrad, bool):
+        raise TypeError(f"{fn}: amsgrad must be a bool, got {type(amsgrad).__name__}")
+
+    def init(params: PyTree) -> AdamState:
+        leaves = _base.float_params(params, f"{fn}.init")
+
+        def zeros() -> PyTree:
+            return _base.unflatten_like([torch.zeros_like(p) for p in leaves], params)
+
+        nu_max = zeros() if amsgrad else EmptyState()
+        return AdamState(_base.step_count(leaves), zeros(), zeros(), nu_max)
+
+    def update(
+        grads: PyTree, state: AdamState, params: PyTree | None = None
+    ) -> tuple[PyTree, AdamState]:
+        where = f"{fn}.update"
+        g_leaves = _base.grad_leaves(grads, where)
+        n = len(g_leaves)
+        if wd != 0:
+            _base.need_params(params, where, f"weight_decay={wd}")
+        p_leaves: list[Any] = [None] * n
+        if params is not None:
+            p_leaves = _base.aligned_leaves(where, params, "params", grads)
+        mu = _base.aligned_leaves(where, state.mu, "state.mu", grads)
+        nu = _base.aligned_leaves(where, state.nu, "state.nu", grads)
+        nu_max: list[Any] = [None] * n
+        if amsgrad:
+            nu_max = _base.aligned_leaves(where, state.nu_max, "state.nu_max", grads)
+        lr = _schedules.learning_rate_at(learning_rate, state.count, where)
+        step = (state.count + 1).to(torch.float64)
+        bias_correction1 = 1 - b1**step
+        bias_correction2_sqrt = (1 - b2**step) ** 0.5
+        step_size = lr / bias_correction1
+        out: list[list[torch.Tensor]] = [[], [], [], []]
+        for g, p, m, v, v_max in zip(g_leaves, p_leaves, mu, nu, nu_max, strict=True):
+            if wd != 0 and not decoupled:
+                g = torch.add(g, p, alpha=wd)
+            m = torch.lerp(m, g, 1 - b1)
+            v = torch.addcmul(v * b2, g, g, value=1 - b2)
+            if amsgrad:
+                v_max = torch.maximum(v_max, v)
+                out[3].append(v_max)
+            denom = (v_max if amsgrad else v).sqrt() / bias_correction2_sqrt + eps
+            u = (-step_size * m) / denom
+            if wd != 0 and decoupled:
+                u = u - (lr * wd) * p
+            out[0].append(u)
+            out[1].append(m)
+            out[2].append(v)
+        new = [_base.unflatten_like(leaves, grads) for leaves in out[:3]]
+        new_max = _base.unflatten_like(out[3], grads) if amsgrad else EmptyState()
+        return new[0], AdamState(state.count + 1, new[1], new[2], new_max)
+
+    return GradientTransformation(init, update)
+
+
+def adam(
+    learning_rate: float | _schedules.Schedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    amsgrad: bool = False,
+) -> GradientTransformation:
+    """Adam with the semantics of ``torch.optim.Adam`` (``betas=(b1, b2)``).
+
+    Weight decay is an L2 penalty added to the gradient (``g += weight_decay * p``); for
+    decoupled decay use :func:`adamw`. With ``amsgrad``, the running maximum of the raw second
+    moment normalizes the step, as in torch.
+
+    Args:
+        learning_rate: a float >= 0 or a schedule of the step count.
+        b1: decay of the first moment, in [0, 1).
+        b2: decay of the second moment, in [0, 1).
+        eps: added to the denominator, >= 0.
+        weight_decay: L2 penalty >= 0 (``update`` then needs ``params``).
+        amsgrad: use the AMSGrad variant.
+
+    Example:
+        >>> opt = fdp.optim.adam(0.1)
+        >>> params = {"w": torch.tensor([1.0, -1.0])}
+        >>> updates, state = opt.update({"w": torch.tensor([2.0, -3.0])}, opt.init(params))
+        >>> updates["w"]  # the first Adam step is -lr * sign(g)
+        tensor([-0.1000,  0.1000])
+    """
+    return _adam("adam", learning_rate, b1, b2, eps, weight_decay, amsgrad, decoupled=False)
+
+
+def adamw(
+    learning_rate: float | _schedules.Schedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    amsgrad: bool = False,
+) -> GradientTransformation:
+    """AdamW with the semantics of ``torch.optim.AdamW``: decay decoupled from the gradient.
+
+    The update is the Adam step minus ``lr * weight_decay * p`` (the params are shrunk by
+    ``1 - lr * weight_decay``, with the scheduled lr), so ``update`` needs ``params`` unless
+    ``weight_decay == 0``. Arguments as in :func:`adam`.
+
+    Example:
+        >>> opt = fdp.optim.adamw(0.1, weight_decay=0.5)
+        >>> params = {"w": torch.tensor([2.0])}
+        >>> updates, _ = opt.update({"w": torch.tensor([1.0])}, opt.init(params), params)
+        >>> updates["w"]  # -0.1 (Adam) - 0.1 * 0.5 * 2.0 (decay)
+        tensor([-0.2000])
+    """
+    return _adam("adamw", learning_rate, b1, b2, eps, weight_decay, amsgrad, decoupled=True)

@@ -1,0 +1,222 @@
+"""Core of :mod:`fdp.optim`: the ``GradientTransformation`` pair, ``chain``, ``apply_updates``.
+
+A gradient transformation is a pair of pure functions, as in optax: ``init(params) -> state``
+builds the optimizer state (a pytree of tensors) and ``update(grads, state, params=None) ->
+(updates, new_state)`` maps gradients to *updates*, which :func:`apply_updates` adds to the
+params. Nothing is ever written in place: every call returns new tensors.
+
+Trees are matched by *key path* (``['fc.weight']``), never by leaf position, so a dict whose keys
+were inserted in another order still lines up; a missing or extra key is an error naming it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+import torch.utils._pytree as pytree
+
+from fdp import _tree
+
+__all__ = ["EmptyState", "GradientTransformation", "apply_updates", "chain"]
+
+PyTree = Any
+Updates = Any
+OptState = Any
+
+
+class GradientTransformation(NamedTuple):
+    """A pure optimizer: ``init(params) -> state`` and ``update(grads, state, params) -> ...``.
+
+    ``update`` returns ``(updates, new_state)``; ``updates`` has the structure of ``grads`` and is
+    meant for :func:`apply_updates`. Pass ``params`` when the transformation needs them (weight
+    decay).
+
+    Example:
+        >>> opt = fdp.optim.sgd(0.5)
+        >>> params = {"w": torch.tensor([1.0, 2.0])}
+        >>> state = opt.init(params)
+        >>> updates, state = opt.update({"w": torch.tensor([1.0, 1.0])}, state, params)
+        >>> fdp.optim.apply_updates(params, updates)
+        {'w': tensor([0.5000, 1.5000])}
+    """
+
+    init: Callable[[PyTree], OptState]
+    update: Callable[..., tuple[Updates, OptState]]
+
+
+class EmptyState(NamedTuple):
+    """The state of a stateless transformation (e.g. :func:`fdp.optim.clip_by_global_norm`)."""
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Composes transformations: each one's updates are the next one's grads.
+
+    The state is a tuple with one entry per transformation.
+
+    Example:
+        >>> opt = fdp.optim.chain(fdp.optim.clip_by_global_norm(1.0), fdp.optim.sgd(0.1))
+        >>> params = {"w": torch.zeros(2)}
+        >>> updates, _ = opt.update({"w": torch.tensor([3.0, 4.0])}, opt.init(params), params)
+        >>> updates["w"]
+        tensor([-0.0600, -0.0800])
+    """
+    for i, t in enumerate(transforms):
+        if not isinstance(t, GradientTransformation):
+            raise TypeError(
+                f"chain: transforms[{i}] is a {type(t).__name__}, not a GradientTransformation; "
+                f"pass optimizers such as fdp.optim.sgd(0.1), not their states or updates"
+            )
+
+    def init(params: PyTree) -> tuple[OptState, ...]:
+        return tuple(t.init(params) for t in transforms)
+
+    def update(
+        grads: PyTree, state: tuple[OptState, ...], params: PyTree | None = None
+    ) -> tuple[Updates, tuple[OptState, ...]]:
+        if type(state) is not tuple or len(state) != len(transforms):
+            got = len(state) if type(state) is tuple else type(state).__name__
+            raise ValueError(
+                f"chain.update: state must be the tuple of {len(transforms)} states made by "
+                f"this chain's init, got {got}; build it with opt.init(params)"
+            )
+        new_states = []
+        for t, s in zip(transforms, state, strict=True):
+            grads, s = t.update(grads, s, params)
+            new_states.append(s)
+        return grads, tuple(new_states)
+
+    return GradientTransformation(init, update)
+
+
+def apply_updates(params: PyTree, updates: Updates) -> PyTree:
+    """Returns ``params + updates`` leaf by leaf (matched by key path), keeping params' dtypes.
+
+    Example:
+        >>> fdp.optim.apply_updates({"w": torch.ones(2)}, {"w": torch.tensor([0.5, -1.0])})
+        {'w': tensor([1.5000, 0.0000])}
+    """
+    p_leaves, spec = pytree.tree_flatten(params)
+    u_leaves = aligned_leaves("apply_updates", updates, "updates", params, "params")
+    for path, leaf in _paths_if_needed(params, p_leaves):
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(f"apply_updates: params{path} is a {type(leaf).__name__}, "
+                            f"not a torch.Tensor")
+    out = [(p + u).to(p.dtype) for p, u in zip(p_leaves, u_leaves, strict=True)]
+    return pytree.tree_unflatten(out, spec)
+
+
+def _paths_if_needed(tree: PyTree, leaves: list[Any]) -> list[tuple[str, Any]]:
+    """Key paths of ``tree`` only when some leaf is not a tensor (the error path)."""
+    if all(isinstance(x, torch.Tensor) for x in leaves):
+        return []
+    return _tree.leaves_with_path(tree)
+
+
+# --- checks shared by the optimizers ----------------------------------------------------------
+
+def float_params(params: PyTree, fn: str) -> list[torch.Tensor]:
+    """The leaves of ``params``; each must be a floating-point tensor."""
+    leaves = pytree.tree_leaves(params)
+    for path, leaf in _tree.leaves_with_path(params):
+        if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
+            what = leaf.dtype if isinstance(leaf, torch.Tensor) else type(leaf).__name__
+            raise TypeError(
+                f"{fn}: params{path} is a {what}, but optimizers need floating-point tensors; "
+                f"cast it (e.g. .float()) or keep it out of the params tree"
+            )
+    return leaves
+
+
+def step_count(params_leaves: list[torch.Tensor]) -> torch.Tensor:
+    """A 0-d int64 zero on the params' device: the initial step count."""
+    device = params_leaves[0].device if params_leaves else None
+    return torch.zeros((), dtype=torch.int64, device=device)
+
+
+def grad_leaves(grads: PyTree, fn: str) -> list[torch.Tensor]:
+    """The leaves of ``grads``; each must be a tensor."""
+    leaves = pytree.tree_leaves(grads)
+    for path, leaf in _paths_if_needed(grads, leaves):
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(f"{fn}: grads{path} is a {type(leaf).__name__}, not a torch.Tensor")
+    return leaves
+
+
+def aligned_leaves(
+    fn: str, tree: PyTree, name: str, ref: PyTree, ref_name: str = "grads"
+) -> list[Any]:
+    """The leaves of ``tree`` in the leaf order of ``ref``, after checking their key paths.
+
+    Raises:
+        ValueError: naming the first key path one tree has and the other lacks, or a leaf whose
+            shape differs.
+    """
+    leaves, spec = pytree.tree_flatten(tree)
+    ref_leaves, ref_spec = pytree.tree_flatten(ref)
+    if spec != ref_spec:
+        ref_pairs = _tree.leaves_with_path(ref)
+        by_path = dict(_tree.leaves_with_path(tree))
+        ref_paths = [p for p, _ in ref_pairs]
+        ref_set = set(ref_paths)
+        missing = [p for p in by_path if p not in ref_set]
+        unexpected = [p for p in ref_paths if p not in by_path]
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"{ref_name} lacks {name}{missing[0]}")
+            if unexpected:
+                parts.append(f"{ref_name}{unexpected[0]} is unexpected ({name} has no such key)")
+            raise ValueError(
+                f"{fn}: {ref_name} and {name} have different tree structures: "
+                f"{'; '.join(parts)}. Give {ref_name} the key paths of the params the optimizer "
+                f"was initialized with (e.g. the grads of the same params dict)"
+            )
+        leaves = [by_path[p] for p in ref_paths]
+    for i, (leaf, r) in enumerate(zip(leaves, ref_leaves, strict=True)):
+        if isinstance(leaf, torch.Tensor) and isinstance(r, torch.Tensor) \
+                and leaf.shape != r.shape:
+            path = _tree.leaves_with_path(ref)[i][0]
+            raise ValueError(
+                f"{fn}: {ref_name}{path} has shape {tuple(r.shape)} but {name}{path} has "
+                f"{tuple(leaf.shape)}; the grads must have the params' shapes"
+            )
+    return leaves
+
+
+def need_params(params: PyTree | None, fn: str, why: str) -> None:
+    if params is None:
+        raise ValueError(
+            f"{fn}: params is None but {why} needs the current params; "
+            f"call update(grads, state, params)"
+        )
+
+
+def number(value: Any, fn: str, name: str) -> float:
+    """``value`` as a float; must be a finite real number (not a bool or a tensor)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{fn}: {name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{fn}: {name} must be finite, got {value}")
+    return float(value)
+
+
+def nonnegative(value: Any, fn: str, name: str) -> float:
+    v = number(value, fn, name)
+    if v < 0:
+        raise ValueError(f"{fn}: {name} must be >= 0, got {value}; e.g. {name}=0.0")
+    return v
+
+
+def unit_interval(value: Any, fn: str, name: str) -> float:
+    """A decay rate in ``[0, 1)`` (like Adam's betas)."""
+    v = number(value, fn, name)
+    if not 0.0 <= v < 1.0:
+        raise ValueError(f"{fn}: {name} must be in [0, 1), got {value}; e.g. {name}=0.9")
+    return v
+
+
+def unflatten_like(leaves: list[Any], tree: PyTree) -> PyTree:
+    return pytree.tree_unflatten(leaves, pytree.tree_structure(tree))

@@ -1,0 +1,128 @@
+"""RMSprop, optionally centered and with momentum."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from fdp.optim import _base, _schedules
+from fdp.optim._base import EmptyState, GradientTransformation, PyTree
+
+__all__ = ["RMSPropState", "rmsprop"]
+
+
+class RMSPropState(NamedTuple):
+    """State of :func:`rmsprop`.
+
+    Attributes:
+        count: number of updates done, a 0-d int64 tensor.
+        square_avg: running average of the squared gradients.
+        grad_avg: running average of the gradients (``centered=True``).
+        momentum_buffer: the momentum buffers (``momentum > 0``).
+
+    A part the configuration does not use is an ``EmptyState()`` (a tree with no leaves).
+    """
+
+    count: torch.Tensor
+    square_avg: PyTree
+    grad_avg: PyTree
+    momentum_buffer: PyTree
+
+
+def rmsprop(
+    learning_rate: float | _schedules.Schedule,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    centered: bool = False,
+) -> GradientTransformation:
+    """RMSprop with the semantics of ``torch.optim.RMSprop``.
+
+    Per leaf: ``g += weight_decay * p``; ``square_avg = alpha * square_avg + (1 - alpha) * g**2``;
+    the denominator is ``sqrt(square_avg) + eps`` (centered: ``sqrt(square_avg - grad_avg**2) +
+    eps``); with momentum ``buf = momentum * buf + g / denom`` and the update ``-lr * buf``,
+    else ``-lr * g / denom``.
+
+    Args:
+        learning_rate: a float >= 0 or a schedule of the step count.
+        alpha: smoothing constant, in [0, 1).
+        eps: added to the denominator, >= 0.
+        weight_decay: L2 penalty >= 0 (``update`` then needs ``params``).
+        momentum: momentum factor >= 0.
+        centered: normalize by the estimated variance of the gradient.
+
+    Example:
+        >>> opt = fdp.optim.rmsprop(0.01, alpha=0.75)
+        >>> params = {"w": torch.tensor([1.0])}
+        >>> updates, _ = opt.update({"w": torch.tensor([3.0])}, opt.init(params))
+        >>> updates["w"]  # -0.01 * 3 / sqrt(0.25 * 9)
+        tensor([-0.0200])
+    """
+    fn = "rmsprop"
+    _schedules.check_learning_rate(learning_rate, fn)
+    a = _base.unit_interval(alpha, fn, "alpha")
+    eps = _base.nonnegative(eps, fn, "eps")
+    wd = _base.nonnegative(weight_decay, fn, "weight_decay")
+    m = _base.nonnegative(momentum, fn, "momentum")
+    if not isinstance(centered, bool):
+        raise TypeError(f"{fn}: centered must be a bool, got {type(centered).__name__}")
+
+    def init(params: PyTree) -> RMSPropState:
+        leaves = _base.float_params(params, "rmsprop.init")
+
+        def zeros() -> PyTree:
+            return _base.unflatten_like([torch.zeros_like(p) for p in leaves], params)
+
+        return RMSPropState(_base.step_count(leaves), zeros(),
+                            zeros() if centered else EmptyState(),
+                            zeros() if m > 0 else EmptyState())
+
+    def update(
+        grads: PyTree, state: RMSPropState, params: PyTree | None = None
+    ) -> tuple[PyTree, RMSPropState]:
+        where = "rmsprop.update"
+        g_leaves = _base.grad_leaves(grads, where)
+        n = len(g_leaves)
+        if wd != 0:
+            _base.need_params(params, where, f"weight_decay={wd}")
+        p_leaves: list[Any] = [None] * n
+        if params is not None:
+            p_leaves = _base.aligned_leaves(where, params, "params", grads)
+        sq = _base.aligned_leaves(where, state.square_avg, "state.square_avg", grads)
+        ga: list[Any] = [None] * n
+        if centered:
+            ga = _base.aligned_leaves(where, state.grad_avg, "state.grad_avg", grads)
+        buf: list[Any] = [None] * n
+        if m > 0:
+            buf = _base.aligned_leaves(where, state.momentum_buffer, "state.momentum_buffer",
+                                       grads)
+        lr = _schedules.learning_rate_at(learning_rate, state.count, where)
+        out: list[list[torch.Tensor]] = [[], [], [], []]
+        for g, p, s, c, b in zip(g_leaves, p_leaves, sq, ga, buf, strict=True):
+            if wd != 0:
+                g = torch.add(g, p, alpha=wd)
+            s = torch.addcmul(s * a, g, g, value=1 - a)
+            out[1].append(s)
+            if centered:
+                c = torch.lerp(c, g, 1 - a)
+                out[2].append(c)
+                avg = torch.addcmul(s, c, c, value=-1).sqrt()
+            else:
+                avg = s.sqrt()
+            avg = avg + eps
+            if m > 0:
+                b = torch.addcdiv(b * m, g, avg)
+                out[3].append(b)
+                out[0].append(b * -lr)
+            else:
+                out[0].append((-lr * g) / avg)
+
+        def tree(i: int, present: bool = True) -> PyTree:
+            return _base.unflatten_like(out[i], grads) if present else EmptyState()
+
+        new = RMSPropState(state.count + 1, tree(1), tree(2, centered), tree(3, m > 0))
+        return tree(0), new
+
+    return GradientTransformation(init, update)

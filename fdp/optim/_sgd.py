@@ -1,0 +1,103 @@
+"""Stochastic gradient descent with momentum, dampening, Nesterov and L2 weight decay."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from fdp.optim import _base, _schedules
+from fdp.optim._base import EmptyState, GradientTransformation, PyTree
+
+__all__ = ["SGDState", "sgd"]
+
+
+class SGDState(NamedTuple):
+    """State of :func:`sgd`: the step count and the momentum buffers.
+
+    Without momentum, ``momentum_buffer`` is an ``EmptyState()`` (a tree with no leaves).
+    """
+
+    count: torch.Tensor
+    momentum_buffer: PyTree
+
+
+def sgd(
+    learning_rate: float | _schedules.Schedule,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+) -> GradientTransformation:
+    """SGD with the semantics of ``torch.optim.SGD``.
+
+    Per leaf: ``g += weight_decay * p``; with momentum, ``buf = g`` on the first step and
+    ``buf = momentum * buf + (1 - dampening) * g`` after; ``g = g + momentum * buf`` (Nesterov)
+    or ``g = buf``; the update is ``-lr * g``.
+
+    Args:
+        learning_rate: a float >= 0 or a schedule of the step count.
+        momentum: momentum factor >= 0.
+        dampening: dampening of the momentum.
+        nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
+        weight_decay: L2 penalty >= 0 (``update`` then needs ``params``).
+
+    Example:
+        >>> opt = fdp.optim.sgd(0.1, momentum=0.9)
+        >>> params = {"w": torch.tensor([1.0])}
+        >>> state = opt.init(params)
+        >>> for _ in range(2):
+        ...     updates, state = opt.update({"w": torch.tensor([1.0])}, state, params)
+        ...     params = fdp.optim.apply_updates(params, updates)
+        >>> params["w"]
+        tensor([0.7100])
+    """
+    fn = "sgd"
+    _schedules.check_learning_rate(learning_rate, fn)
+    m = _base.nonnegative(momentum, fn, "momentum")
+    d = _base.number(dampening, fn, "dampening")
+    wd = _base.nonnegative(weight_decay, fn, "weight_decay")
+    if not isinstance(nesterov, bool):
+        raise TypeError(f"{fn}: nesterov must be a bool, got {type(nesterov).__name__}")
+    if nesterov and (m <= 0 or d != 0):
+        raise ValueError(
+            f"{fn}: nesterov=True requires momentum > 0 and dampening == 0, got momentum={m}, "
+            f"dampening={d}; e.g. sgd(lr, momentum=0.9, nesterov=True)"
+        )
+
+    def init(params: PyTree) -> SGDState:
+        leaves = _base.float_params(params, "sgd.init")
+        buf = (_base.unflatten_like([torch.zeros_like(p) for p in leaves], params)
+               if m != 0 else EmptyState())
+        return SGDState(_base.step_count(leaves), buf)
+
+    def update(
+        grads: PyTree, state: SGDState, params: PyTree | None = None
+    ) -> tuple[PyTree, SGDState]:
+        where = "sgd.update"
+        g_leaves = _base.grad_leaves(grads, where)
+        n = len(g_leaves)
+        p_leaves: list[Any] = [None] * n
+        if wd != 0:
+            _base.need_params(params, where, f"weight_decay={wd}")
+        if params is not None:
+            p_leaves = _base.aligned_leaves(where, params, "params", grads)
+        lr = _schedules.learning_rate_at(learning_rate, state.count, where)
+        b_leaves: list[Any] = [None] * n
+        if m != 0:
+            b_leaves = _base.aligned_leaves(where, state.momentum_buffer,
+                                            "state.momentum_buffer", grads)
+        first = state.count == 0
+        updates, buffers = [], []
+        for g, p, b in zip(g_leaves, p_leaves, b_leaves, strict=True):
+            if wd != 0:
+                g = torch.add(g, p, alpha=wd)
+            if m != 0:
+                b = torch.where(first, g, torch.add(b * m, g, alpha=1 - d))
+                buffers.append(b)
+                g = torch.add(g, b, alpha=m) if nesterov else b
+            updates.append(g * -lr)
+        new_buf = _base.unflatten_like(buffers, grads) if m != 0 else EmptyState()
+        return _base.unflatten_like(updates, grads), SGDState(state.count + 1, new_buf)
+
+    return GradientTransformation(init, update)

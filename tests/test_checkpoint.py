@@ -1,0 +1,105 @@
+"""Checkpoints: atomic, code-free loads, bitwise resume, clear errors on bad files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fdp
+import fdp._checkpoint as ckpt
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = fdp.functionalize(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
+
+    def loss_fn(params, batch):
+        out, _ = model.apply(params, model.buffers, batch["x"])
+        return nn.functional.cross_entropy(out, batch["y"])
+
+    optimizer = fdp.optim.adam(fdp.optim.cosine_decay_schedule(1e-2, 20))
+    step = fdp.data_parallel_step(loss_fn, optimizer, fdp.Mesh(3))
+    data = {"x": torch.randn(50, 4), "y": torch.randint(0, 3, (50,))}
+    return model, optimizer, step, data
+
+
+def _run(step, state, data, steps):
+    """Training loop whose shuffling draws from the state's generator."""
+    for _ in range(steps):
+        g = torch.Generator()
+        g.set_state(state.rng)
+        idx = torch.randperm(50, generator=g)[:17]
+        state, _ = step(state._replace(rng=g.get_state()), {k: v[idx] for k, v in data.items()})
+    return state
+
+
+def test_save_load_continue_is_bitwise_identical(tmp_path):
+    model, optimizer, step, data = _setup()
+    start = fdp.TrainState.create(model.params, optimizer, seed=7)
+    straight = _run(step, start, data, 8)
+    midway = _run(step, start, data, 3)
+    fdp.save_checkpoint(tmp_path, midway)
+    restored = fdp.load_checkpoint(tmp_path, like=start)
+    assert isinstance(restored, fdp.TrainState) and int(restored.step) == 3
+    resumed = _run(step, restored, data, 5)
+    for a, b in zip(fdp.tree.flatten(resumed)[0], fdp.tree.flatten(straight)[0], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model, optimizer, _, _ = _setup()
+    state = fdp.TrainState.create(model.params, optimizer)
+    fdp.save_checkpoint(tmp_path, state)
+
+    def broken_save(obj, f):
+        f.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.torch, "save", broken_save)
+    newer = state._replace(step=state.step + 5)
+    with pytest.raises(OSError, match="disk full"):
+        fdp.save_checkpoint(tmp_path, newer)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]  # no temp file left
+    assert int(fdp.load_checkpoint(tmp_path, like=state).step) == 0
+
+
+def test_other_structure_is_a_clear_error(tmp_path):
+    fdp.save_checkpoint(tmp_path, {"w": torch.ones(2), "b": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"has no state\['v'\]"):
+        fdp.load_checkpoint(tmp_path, like={"w": torch.ones(2), "v": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"state\['w'\] .* is torch.float32\[2\], expected "
+                                         r"torch.float32\[3\]"):
+        fdp.load_checkpoint(tmp_path, like={"w": torch.ones(3), "b": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"entries that the target lacks: \[\"state\['b'\]\"\]"):
+        fdp.load_checkpoint(tmp_path, like={"w": torch.ones(2)})
+    reordered = fdp.load_checkpoint(tmp_path, like={"b": torch.ones(1), "w": torch.zeros(2)})
+    assert list(reordered) == ["b", "w"] and reordered["w"].tolist() == [1.0, 1.0]
+
+
+def test_corrupt_and_truncated_files_are_clear_errors(tmp_path):
+    path = fdp.save_checkpoint(tmp_path, {"w": torch.arange(1000.0)})
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        fdp.load_checkpoint(tmp_path, like={"w": torch.zeros(1000)})
+    flipped = bytearray(raw)
+    at = raw.rfind(b"\x00\x00\xfaC")  # the float32 500.0, little-endian
+    assert at > 0
+    flipped[at + 3] ^= 0x01
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="does not match the digest"):
+        fdp.load_checkpoint(tmp_path, like={"w": torch.zeros(1000)})
+    with pytest.raises(FileNotFoundError):
+        fdp.load_checkpoint(tmp_path / "nowhere", like={})
+
+
+def test_loading_never_runs_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("executed!",))
+
+    torch.save({"format": ckpt.FORMAT, "leaves": [Evil()]}, tmp_path / "state.pt")
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        fdp.load_checkpoint(tmp_path, like={"w": torch.zeros(1)})
