@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import inspect
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +30,7 @@ def pmap(
     in_axes: Axes = 0,
     out_axes: Axes = 0,
     axis_name: str | None = None,
+    static_broadcasted_argnums: int | Sequence[int] = (),
 ) -> Callable[..., Any]:
     """Maps ``fn`` over the replicas of ``mesh``; collectives inside it see ``axis_name``.
 
@@ -43,6 +46,11 @@ def pmap(
         out_axes: per output (a tree prefix): where the replica axis goes, or ``None`` for a
             value that is the same on every replica (checked: differing values are an error).
         axis_name: the name collectives use; defaults to ``mesh.axis_name``.
+        static_broadcasted_argnums: positions of positional arguments passed to every replica
+            as they are: not mapped, not traced, not checked (as in ``jax.pmap``; fdp does not
+            cache compilations, so they need not be hashable). Negative positions count from
+            the end of each call's positional arguments. A tuple ``in_axes`` still has one
+            entry per positional argument; the entries at static positions are ignored.
 
     Returns:
         A function with ``fn``'s arguments. Outputs have the replica axis at ``out_axes``. When
@@ -54,6 +62,12 @@ def pmap(
         >>> f = fdp.pmap(lambda x: x - fdp.pmean(x, "dp"), mesh)
         >>> f(torch.tensor([1.0, 2.0, 3.0, 6.0]))
         tensor([-2., -1.,  0.,  3.])
+
+        A static argument (here a Python callable) reaches every replica unchanged:
+
+        >>> g = fdp.pmap(lambda act, x: act(x), mesh, static_broadcasted_argnums=0)
+        >>> g(torch.relu, torch.tensor([-1.0, 2.0, -3.0, 4.0]))
+        tensor([0., 2., 0., 4.])
     """
     _check.callable_(fn, "pmap", "fn")
     _check.mesh(mesh, "pmap")
@@ -62,40 +76,129 @@ def pmap(
         raise TypeError(f"pmap: axis_name must be a non-empty str, got {axis_name!r}")
     _check_axes_spec(in_axes, "in_axes")
     _check_axes_spec(out_axes, "out_axes")
+    static = _static_argnums(static_broadcasted_argnums, fn)
 
     @functools.wraps(fn)
     def mapped(*args: Any, **kwargs: Any) -> Any:
-        pairs = _tree.leaves_with_path(args, "args", is_leaf=_is_sharded)
-        treedef = _tree.flatten(args, is_leaf=_is_sharded)[1]
-        axes = _leaf_axes(in_axes, args)
-        layouts: list[Layout] = []
-        flat, flat_axes, paths = [], [], []
-        for (path, leaf), axis in zip(pairs, axes, strict=True):
-            if _is_sharded(leaf):
-                if axis != 0:
-                    raise ValueError(f"pmap: {path} is Sharded (split over replicas) but its "
-                                     f"in_axes is {axis}; a Sharded is mapped over its replica "
-                                     f"axis: use in_axes=0 for it")
-                layouts.append(leaf.layout)
-                inner = _tree.leaves_with_path(leaf.data, path + ".data")
-                flat.append(_Node(_tree.flatten(leaf.data)[1], len(inner)))
-                flat_axes.append(None)
-                paths.append(path)
-                for inner_path, x in inner:
-                    flat.append(x)
-                    flat_axes.append(0 if isinstance(x, torch.Tensor) else None)
-                    paths.append(inner_path)
-            else:
-                flat.append(leaf)
-                flat_axes.append(axis)
-                paths.append(path)
-        if len(set(layouts)) > 1:
-            raise ValueError("pmap: Sharded arguments have different layouts; scatter them "
-                             "together as one tree so that they split the same way")
-        _check_mapped_inputs(flat, flat_axes, paths, mesh)
-        return _run(fn, mesh, name, out_axes, treedef, flat, flat_axes, kwargs, layouts)
+        if not static:
+            return _call(fn, mesh, name, in_axes, out_axes, args, kwargs)
+        fixed = _static_positions(static, len(args), args)
+        axes = in_axes
+        if isinstance(in_axes, (tuple, list)):
+            if len(in_axes) != len(args):
+                raise ValueError(
+                    f"pmap: in_axes has {len(in_axes)} entries but the function got "
+                    f"{len(args)} positional arguments; with static_broadcasted_argnums, "
+                    f"in_axes still has one entry per positional argument (static ones are "
+                    f"ignored), as in jax.pmap"
+                )
+            axes = tuple(None if i in fixed else a for i, a in enumerate(in_axes))
+        wrapped = tuple(_Static(a) if i in fixed else a for i, a in enumerate(args))
+        return _call(_unwrapping(fn), mesh, name, axes, out_axes, wrapped, kwargs)
 
     return mapped
+
+
+def _static_argnums(value: Any, fn: Callable[..., Any]) -> tuple[int, ...]:
+    """Validates ``static_broadcasted_argnums`` against ``fn``'s signature where it can."""
+    items = (value,) if isinstance(value, int) else value
+    if not isinstance(items, (tuple, list, set, frozenset, range)) or any(
+        isinstance(i, bool) or not isinstance(i, int) for i in items
+    ):
+        raise TypeError(
+            f"pmap: static_broadcasted_argnums must be an int or a sequence of ints (positions "
+            f"of positional arguments), got {value!r}"
+        )
+    positions = tuple(sorted(set(items)))
+    if not positions or torch.compiler.is_compiling():  # dynamo cannot trace inspect
+        return positions
+    count = _positional_count(fn)
+    if count is not None:
+        bad = [i for i in positions if not -count <= i < count]
+        if bad:
+            raise ValueError(
+                f"pmap: static_broadcasted_argnums={value!r} has {bad}, out of range for "
+                f"{getattr(fn, '__name__', 'fn')}, which takes {count} positional "
+                f"argument{'s' if count != 1 else ''} (valid: {-count} .. {count - 1})"
+            )
+    return positions
+
+
+def _positional_count(fn: Callable[..., Any]) -> int | None:
+    """How many positional arguments ``fn`` can take, or None if unbounded or unknown."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    kinds = [p.kind for p in params]
+    if inspect.Parameter.VAR_POSITIONAL in kinds:
+        return None
+    return sum(k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+               for k in kinds)
+
+
+def _static_positions(static: tuple[int, ...], count: int, args: tuple) -> dict[int, Any]:
+    bad = [i for i in static if not -count <= i < count]
+    if bad:
+        raise ValueError(
+            f"pmap: static_broadcasted_argnums has {bad}, but the function was called with "
+            f"{count} positional argument{'s' if count != 1 else ''}; pass the static values "
+            f"positionally (keyword arguments are always broadcast)"
+        )
+    fixed = {i % count: args[i] for i in static}
+    for i, value in fixed.items():
+        if _is_sharded(value):
+            raise ValueError(
+                f"pmap: args[{i}] is Sharded (split over replicas) but position {i} is in "
+                f"static_broadcasted_argnums; remove it from there to map it over replicas"
+            )
+    return fixed
+
+
+class _Static:
+    """A static argument: a pytree leaf that is not a tensor, so it is broadcast untouched."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def _unwrapping(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return fn(*(a.value if isinstance(a, _Static) else a for a in args), **kwargs)
+    return call
+
+
+def _call(fn: Callable[..., Any], mesh: Mesh, name: str, in_axes: Axes, out_axes: Axes,
+          args: tuple, kwargs: dict[str, Any]) -> Any:
+    pairs = _tree.leaves_with_path(args, "args", is_leaf=_is_sharded)
+    treedef = _tree.flatten(args, is_leaf=_is_sharded)[1]
+    axes = _leaf_axes(in_axes, args)
+    layouts: list[Layout] = []
+    flat, flat_axes, paths = [], [], []
+    for (path, leaf), axis in zip(pairs, axes, strict=True):
+        if _is_sharded(leaf):
+            if axis != 0:
+                raise ValueError(f"pmap: {path} is Sharded (split over replicas) but its "
+                                 f"in_axes is {axis}; a Sharded is mapped over its replica "
+                                 f"axis: use in_axes=0 for it")
+            layouts.append(leaf.layout)
+            inner = _tree.leaves_with_path(leaf.data, path + ".data")
+            flat.append(_Node(_tree.flatten(leaf.data)[1], len(inner)))
+            flat_axes.append(None)
+            paths.append(path)
+            for inner_path, x in inner:
+                flat.append(x)
+                flat_axes.append(0 if isinstance(x, torch.Tensor) else None)
+                paths.append(inner_path)
+        else:
+            flat.append(leaf)
+            flat_axes.append(axis)
+            paths.append(path)
+    if len(set(layouts)) > 1:
+        raise ValueError("pmap: Sharded arguments have different layouts; scatter them "
+                         "together as one tree so that they split the same way")
+    _check_mapped_inputs(flat, flat_axes, paths, mesh)
+    return _run(fn, mesh, name, out_axes, treedef, flat, flat_axes, kwargs, layouts)
 
 
 class _Node:
@@ -120,7 +223,33 @@ def _leaf_axes(in_axes: Axes, args: tuple) -> list[Any]:
             f"pmap: in_axes has {len(prefix)} entries but the function got {len(args)} "
             f"positional arguments; give one entry per argument"
         )
-    return _tree.broadcast_prefix(prefix, args, "in_axes")
+    return _tree.broadcast_prefix(_align_prefix(prefix, args, "in_axes"), args, "in_axes")
+
+
+def _align_prefix(prefix: Axes, tree: Any, what: str, of: str = "arguments") -> Axes:
+    """Puts the dicts of an axes prefix in the key order of the matching dicts of ``tree``.
+
+    JAX matches dict prefixes by key (it sorts keys); torch's pytree matches children by
+    position, so ``{"b": None, "a": 0}`` would silently apply to ``{"a": ..., "b": ...}``
+    the wrong way round. Matching by key here keeps the JAX meaning.
+    """
+
+    def align(p: Axes, t: Any, path: str) -> Axes:
+        if isinstance(p, dict) and isinstance(t, dict):
+            if p.keys() != t.keys():
+                raise ValueError(
+                    f"pmap: {what}={prefix!r} does not match the structure of the {of}: "
+                    f"{path} has keys {list(p)} but the value there has keys {list(t)}; give "
+                    f"one entry per key, or one int/None for the whole dict"
+                )
+            items = [(k, align(p[k], t[k], f"{path}[{k!r}]")) for k in t]
+            return OrderedDict(items) if isinstance(p, OrderedDict) else dict(items)
+        if isinstance(p, (tuple, list)) and isinstance(t, (tuple, list)) and len(p) == len(t):
+            items = [align(a, b, f"{path}[{i}]") for i, (a, b) in enumerate(zip(p, t, strict=True))]
+            return type(p)(*items) if hasattr(p, "_fields") else type(p)(items)
+        return p
+
+    return align(prefix, tree, what)
 
 
 def _check_mapped_inputs(flat: list, axes: list, paths: list, mesh: Mesh) -> None:
@@ -165,8 +294,9 @@ def _run(fn, mesh, name, out_axes, treedef, flat, flat_axes, kwargs, layouts):
     results = iter(mesh.impl.map(body, [flat[i] for i in mapped_pos], in_dims))
     out_def = out_info["def"]
     leaves = [next(results) if is_tensor else x for is_tensor, x in out_info["static"]]
-    axes = _tree.broadcast_prefix(out_axes, _tree.unflatten(leaves, out_def), "out_axes",
-                                  "outputs")
+    outputs = _tree.unflatten(leaves, out_def)
+    axes = _tree.broadcast_prefix(_align_prefix(out_axes, outputs, "out_axes", "outputs"), outputs,
+                                  "out_axes", "outputs")
     paths = [p for p, _ in _tree.leaves_with_path(_tree.unflatten(leaves, out_def), "out")]
     placed = [_place(x, a, p) for x, a, p in zip(leaves, axes, paths, strict=True)]
     out = _tree.unflatten(placed, out_def)
