@@ -214,6 +214,8 @@ _LAYOUTS: dict[tuple, Layout] = {}  # a plain dict: torch.compile traces it, unl
 
 
 def _layout(rows: int, n: int, split: str | tuple[int, ...], dim: int) -> Layout:
+    if torch.compiler.is_compiling():  # traced once per shape anyway; a cache would add guards
+        return Layout(split_sizes(rows, n, split, "value_and_grad"), dim)
     key = (rows, n, split, dim)
     layout = _LAYOUTS.get(key)
     if layout is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -71,7 +70,6 @@ class Layout:
         idx = [i * m + r for i, s in enumerate(self.sizes) for r in range(s)]
         return torch.tensor(idx, dtype=torch.int64, device=device)
 
-    @functools.cached_property
     def groups(self) -> list[tuple[int, int, int]]:
         """Runs of consecutive replicas with equal non-zero size: ``(first_row, k, size)``."""
         runs: list[tuple[int, int, int]] = []

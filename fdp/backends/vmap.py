@@ -79,7 +79,7 @@ class VmapBackend(Backend):
         """
         leaves, treedef = _tree.flatten(batch)
         dims = [plan.layout.dim % leaf.dim() if _is_tensor(leaf) else None for leaf in leaves]
-        groups = plan.layout.groups
+        groups = plan.layout.groups()
 
         def group_inputs(first: int, k: int, s: int) -> list[torch.Tensor]:
             return [(leaf if k * s == leaf.shape[d] else leaf.narrow(d, first, k * s))

@@ -60,6 +60,7 @@ def _adam(
         grads: PyTree, state: AdamState, params: PyTree | None = None
     ) -> tuple[PyTree, AdamState]:
         where = f"{fn}.update"
+        _base.check_state(state, AdamState, where, fn)
         g_leaves = _base.grad_leaves(grads, where)
         n = len(g_leaves)
         if wd != 0:

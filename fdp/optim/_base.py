@@ -99,7 +99,8 @@ def apply_updates(params: PyTree, updates: Updates) -> PyTree:
         {'w': tensor([1.5000, 0.0000])}
     """
     p_leaves, spec = pytree.tree_flatten(params)
-    u_leaves = aligned_leaves("apply_updates", updates, "updates", params, "params")
+    u_leaves = aligned_leaves("apply_updates", updates, "updates", params, "params",
+                              same_dtype=False)
     for path, leaf in _paths_if_needed(params, p_leaves):
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(f"apply_updates: params{path} is a {type(leaf).__name__}, "
@@ -146,7 +147,8 @@ def grad_leaves(grads: PyTree, fn: str) -> list[torch.Tensor]:
 
 
 def aligned_leaves(
-    fn: str, tree: PyTree, name: str, ref: PyTree, ref_name: str = "grads"
+    fn: str, tree: PyTree, name: str, ref: PyTree, ref_name: str = "grads",
+    same_dtype: bool = True,
 ) -> list[Any]:
     """The leaves of ``tree`` in the leaf order of ``ref``, after checking their key paths.
 
@@ -176,14 +178,30 @@ def aligned_leaves(
             )
         leaves = [by_path[p] for p in ref_paths]
     for i, (leaf, r) in enumerate(zip(leaves, ref_leaves, strict=True)):
-        if isinstance(leaf, torch.Tensor) and isinstance(r, torch.Tensor) \
-                and leaf.shape != r.shape:
+        if not (isinstance(leaf, torch.Tensor) and isinstance(r, torch.Tensor)):
+            continue
+        if leaf.shape != r.shape:
             path = _tree.leaves_with_path(ref)[i][0]
             raise ValueError(
                 f"{fn}: {ref_name}{path} has shape {tuple(r.shape)} but {name}{path} has "
                 f"{tuple(leaf.shape)}; the grads must have the params' shapes"
             )
+        if same_dtype and leaf.dtype != r.dtype:
+            path = _tree.leaves_with_path(ref)[i][0]
+            raise ValueError(
+                f"{fn}: {ref_name}{path} is {r.dtype} but {name}{path} is {leaf.dtype}; cast "
+                f"the grads to the params' dtype"
+            )
     return leaves
+
+
+def check_state(state: Any, expected: type, fn: str, factory: str) -> None:
+    """A clear error when ``update`` gets another optimizer's state (or none)."""
+    if not isinstance(state, expected):
+        raise TypeError(
+            f"{fn}: state must be the {expected.__name__} made by {factory}.init, got "
+            f"{type(state).__name__}; initialize the state with the same optimizer"
+        )
 
 
 def need_params(params: PyTree | None, fn: str, why: str) -> None:

@@ -83,6 +83,7 @@ def rmsprop(
         grads: PyTree, state: RMSPropState, params: PyTree | None = None
     ) -> tuple[PyTree, RMSPropState]:
         where = "rmsprop.update"
+        _base.check_state(state, RMSPropState, where, "rmsprop")
         g_leaves = _base.grad_leaves(grads, where)
         n = len(g_leaves)
         if wd != 0:

@@ -228,11 +228,14 @@ def learning_rate_at(learning_rate: Any, count: torch.Tensor, fn: str) -> float 
         return float(learning_rate)
     lr = learning_rate(count)
     if isinstance(lr, torch.Tensor):
+        if lr.dim() != 0:
+            raise ValueError(f"{fn}: the learning_rate schedule returned shape "
+                             f"{tuple(lr.shape)}; a schedule must return a float or a 0-d tensor")
         if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(lr):
             return lr
-        bad = not bool(torch.isfinite(lr).all())
+        bad = not bool(torch.isfinite(lr)) or bool(lr < 0)
     elif isinstance(lr, int | float) and not isinstance(lr, bool):
-        bad = not math.isfinite(lr)
+        bad = not math.isfinite(lr) or lr < 0
     else:
         raise TypeError(f"{fn}: the learning_rate schedule returned a {type(lr).__name__}; "
                         f"a schedule must return a float or a 0-d tensor")
@@ -240,6 +243,6 @@ def learning_rate_at(learning_rate: Any, count: torch.Tensor, fn: str) -> float 
         step = count if torch._C._functorch.is_functorch_wrapped_tensor(count) else count.tolist()
         raise ValueError(
             f"{fn}: the learning_rate schedule returned {lr} at step {step}; a schedule must "
-            f"return finite values (check its parameters, e.g. a zero division)"
+            f"return finite, non-negative values (check its parameters, e.g. a zero division)"
         )
     return lr

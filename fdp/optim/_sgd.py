@@ -75,6 +75,7 @@ def sgd(
         grads: PyTree, state: SGDState, params: PyTree | None = None
     ) -> tuple[PyTree, SGDState]:
         where = "sgd.update"
+        _base.check_state(state, SGDState, where, "sgd")
         g_leaves = _base.grad_leaves(grads, where)
         n = len(g_leaves)
         p_leaves: list[Any] = [None] * n

@@ -137,7 +137,7 @@ def test_schedule_returning_non_finite_values(make, bad):
     for _ in range(2):
         _, state = opt.update({"w": torch.ones(2, dtype=f64)}, state, params)
     with pytest.raises(ValueError, match=r"learning_rate schedule returned .*(nan|inf) at step 2"
-                                         r"; a schedule must return finite values"):
+                                         r"; a schedule must return finite, non-negative values"):
         opt.update({"w": torch.ones(2, dtype=f64)}, state, params)
 
 
@@ -158,3 +158,38 @@ def test_apply_updates_structure_mismatch():
     with pytest.raises(ValueError, match=r"apply_updates: params and updates have different tree "
                                          r"structures: params lacks updates\['b'\]"):
         optim.apply_updates({"a": torch.ones(1)}, {"a": torch.ones(1), "b": torch.ones(1)})
+
+
+@pytest.mark.parametrize("make, other", [
+    (lambda: optim.adam(0.1), lambda: optim.sgd(0.1, momentum=0.9)),
+    (lambda: optim.sgd(0.1, momentum=0.9), lambda: optim.adam(0.1)),
+    (lambda: optim.rmsprop(0.1), lambda: optim.adam(0.1)),
+])
+def test_another_optimizers_state_is_a_clear_error(make, other):
+    params = {"w": torch.ones(3)}
+    with pytest.raises(TypeError, match=r"state must be the \w+State made by \w+\.init"):
+        make().update(params, other().init(params), params)
+    with pytest.raises(TypeError, match="state must be"):
+        make().update(params, None, params)
+
+
+def test_grads_of_another_dtype_name_the_leaf():
+    params = {"w": torch.ones(3)}
+    opt = optim.adam(0.1)
+    with pytest.raises(ValueError, match=r"grads\['w'\] is torch.float64 but params\['w'\] "
+                                         r"is torch.float32"):
+        opt.update({"w": torch.ones(3, dtype=torch.float64)}, opt.init(params), params)
+    with pytest.raises(ValueError, match=r"grads\['w'\] is torch.float64 but state.mu\['w'\] "
+                                         r"is torch.float32"):
+        opt.update({"w": torch.ones(3, dtype=torch.float64)}, opt.init(params))
+
+
+@pytest.mark.parametrize("schedule, pattern", [
+    (lambda step: -0.1, "finite, non-negative"),
+    (lambda step: torch.tensor([0.1]), r"returned shape \(1,\)"),
+])
+def test_schedule_values_are_checked(schedule, pattern):
+    params = {"w": torch.ones(3)}
+    opt = optim.sgd(schedule)
+    with pytest.raises(ValueError, match=pattern):
+        opt.update(params, opt.init(params), params)
