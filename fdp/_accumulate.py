@@ -13,7 +13,7 @@ from fdp._primitives import batch_size
 
 __all__ = ["accumulate"]
 
-ValueAndGrad = Callable[[Any, Any], tuple[Any, Any]]
+ValueAndGrad = Callable[..., tuple[Any, Any]]
 
 
 def accumulate(
@@ -35,12 +35,13 @@ def accumulate(
     ``torch.func.grad_and_value``-style functions that return ``(loss, grads)``.
 
     Args:
-        value_and_grad_fn: ``(params, batch) -> (loss, grads)`` (``((loss, aux), grads)`` with
-            ``has_aux``), where ``loss`` is a mean (or sum) over the rows it is given.
+        value_and_grad_fn: ``(params, batch, *args) -> (loss, grads)`` (``((loss, aux), grads)``
+            with ``has_aux``), where ``loss`` is a mean (or sum) over the rows it is given;
+            ``args`` are passed to every call as they are.
         microbatches: how many slices (≥ 1). Slices with no rows (more slices than rows) are
             skipped.
-        has_aux: ``value_and_grad_fn`` returns ``((loss, aux), grads)``; the aux values of the
-            microbatches come back concatenated along dim 0.
+        has_aux: ``value_and_grad_fn`` returns ``((loss, aux), grads)``; the result's aux is
+            the list of the non-empty microbatches' aux values, in order.
         split: how rows are divided among microbatches (see :func:`fdp.scatter`).
         dim: the batch dimension of every tensor in the batch.
         reduction: ``"mean"`` or ``"sum"``, as the loss reduces over rows.
@@ -62,48 +63,40 @@ def accumulate(
     if isinstance(split, str):
         split_sizes(1, 1, split, "accumulate")
 
-    def run(params: Any, batch: Any) -> tuple[Any, Any]:
+    def run(params: Any, batch: Any, *args: Any) -> tuple[Any, Any]:
         rows = batch_size(batch, dim, "accumulate")
         sizes = split_sizes(rows, microbatches, split, "accumulate")
-        loss, grads, auxes, start = None, None, [], 0
-        for size in sizes:
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        loss, grads, auxes = None, None, []
+        for start, size in zip(offsets, sizes, strict=True):
             if size == 0:
                 continue
-            micro = _tree.map_with_path(
-                lambda _, x, s=start, n=size: _rows(x, dim, s, n), batch)
-            start += size
-            out, g = value_and_grad_fn(params, micro)
+            micro = _slice(batch, dim, start, size)
+            out, g = value_and_grad_fn(params, micro, *args)
+            if has_aux and not (isinstance(out, tuple) and len(out) == 2):
+                raise TypeError("accumulate: with has_aux=True, value_and_grad_fn must return "
+                                f"((loss, aux), grads), got ({type(out).__name__}, grads)")
             part_loss, aux = out if has_aux else (out, None)
             weight = size / rows if reduction == "mean" else 1.0
-            loss = _add(loss, part_loss * weight)
-            grads = g if grads is None and weight == 1.0 else _tree_add(grads, g, weight)
+            loss = part_loss * weight if loss is None else loss + part_loss * weight
+            grads = _scaled(g, weight) if grads is None else _add_scaled(grads, g, weight)
             auxes.append(aux)
         if has_aux:
-            return (loss, _concat(auxes)), grads
+            return (loss, auxes), grads
         return loss, grads
 
     return run
 
 
-def _rows(x: Any, dim: int, start: int, size: int) -> Any:
-    return x.narrow(dim, start, size) if isinstance(x, torch.Tensor) else x
+def _slice(batch: Any, dim: int, start: int, size: int) -> Any:
+    leaves, treedef = _tree.flatten(batch)
+    return _tree.unflatten([x.narrow(dim, start, size) if isinstance(x, torch.Tensor) else x
+                            for x in leaves], treedef)
 
 
-def _add(acc: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    return x if acc is None else acc + x
+def _scaled(tree: Any, weight: float) -> Any:
+    return tree if weight == 1.0 else _tree.map_with_path(lambda _, g: g * weight, tree)
 
 
-def _tree_add(acc: Any, tree: Any, weight: float) -> Any:
-    if acc is None:
-        return _tree.map_with_path(lambda _, g: g * weight, tree)
+def _add_scaled(acc: Any, tree: Any, weight: float) -> Any:
     return _tree.map_with_path(lambda _, a, g: a + g * weight, acc, tree)
-
-
-def _concat(auxes: list[Any]) -> Any:
-    if len(auxes) == 1:
-        return auxes[0]
-    flats = [_tree.flatten(a) for a in auxes]
-    columns = zip(*(f[0] for f in flats), strict=True)
-    return _tree.unflatten(
-        [torch.cat(c) if isinstance(c[0], torch.Tensor) else list(c) for c in columns],
-        flats[0][1])

@@ -43,21 +43,25 @@ def save_checkpoint(directory: str | os.PathLike, state: Any) -> Path:
         if not isinstance(leaf, (torch.Tensor, int, float, str, bool, type(None))):
             raise TypeError(f"save_checkpoint: {path} is a {type(leaf).__name__}; checkpoints "
                             f"hold tensors, numbers, strings and None")
-    leaves = [leaf.detach().cpu() if isinstance(leaf, torch.Tensor) else leaf
+    leaves = [_own_storage(leaf.detach().cpu()) if isinstance(leaf, torch.Tensor) else leaf
               for _, leaf in pairs]
     payload = {"format": FORMAT, "paths": [p for p, _ in pairs], "leaves": leaves,
                "sha256": _digest(leaves)}
     final = directory / FILENAME
+    for stale in directory.glob(f".{FILENAME}.*.tmp"):  # left by a process that was killed
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{FILENAME}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, final)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_directory(directory)
     return final
 
 
@@ -87,10 +91,17 @@ def _read(path: Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"load_checkpoint: {path} is corrupt or truncated ({e}); restore an "
-                         f"earlier checkpoint") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"load_checkpoint: {path} is corrupt or truncated, or holds more than "
+                         f"tensors and plain values ({reason}); restore an earlier checkpoint"
+                         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"load_checkpoint: {path} is not an fdp checkpoint ({FORMAT})")
+    paths, leaves = payload.get("paths"), payload.get("leaves")
+    if not (isinstance(paths, list) and isinstance(leaves, list) and len(paths) == len(leaves)
+            and all(isinstance(p, str) for p in paths) and len(set(paths)) == len(paths)):
+        raise ValueError(f"load_checkpoint: {path} is corrupt: its table of entries is damaged; "
+                         f"restore an earlier checkpoint")
     if payload.get("sha256") != _digest(payload["leaves"]):
         raise ValueError(f"load_checkpoint: {path} is corrupt: its tensor data does not match "
                          f"the digest written with it; restore an earlier checkpoint")
@@ -104,9 +115,9 @@ def _check_structure(path: Path, paths: list, leaves: list, want: list) -> None:
             raise ValueError(f"load_checkpoint: {path} has no {key}; it was saved from a "
                              f"different structure")
         stored = have[key]
-        if isinstance(ref, torch.Tensor) != isinstance(stored, torch.Tensor) or (
-            isinstance(ref, torch.Tensor)
-            and (ref.shape != stored.shape or ref.dtype != stored.dtype)
+        tensors = isinstance(ref, torch.Tensor) and isinstance(stored, torch.Tensor)
+        if (tensors and (ref.shape != stored.shape or ref.dtype != stored.dtype)) or (
+            not tensors and type(ref) is not type(stored)
         ):
             raise ValueError(f"load_checkpoint: {key} in {path} is {_describe(stored)}, "
                              f"expected {_describe(ref)}")
@@ -118,6 +129,33 @@ def _check_structure(path: Path, paths: list, leaves: list, want: list) -> None:
     if paths != order:  # same entries, other order (e.g. dict insertion order)
         leaves[:] = [have[k] for k in order]
         paths[:] = order
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """A view would save its whole base tensor (and come back sharing it): copy it out."""
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.storage_offset():
+        return t.clone()
+    return t
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Makes the rename itself durable (POSIX); a no-op where directories can't be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _describe(x: Any) -> str:

@@ -27,15 +27,15 @@ class SplitLoss(NamedTuple):
     ``criterion`` once on the gathered outputs.
     """
 
-    forward: Callable[[Any, Any], Any]
-    criterion: Callable[[Any, Any], Any]
+    forward: Callable[..., Any]
+    criterion: Callable[..., Any]
 
-    def __call__(self, params: Any, batch: Any) -> Any:
-        return self.criterion(self.forward(params, batch), batch)
+    def __call__(self, params: Any, batch: Any, *args: Any) -> Any:
+        return self.criterion(self.forward(params, batch, *args), batch, *args)
 
 
 def split_loss(
-    forward: Callable[[Any, Any], Any], criterion: Callable[[Any, Any], Any]
+    forward: Callable[..., Any], criterion: Callable[..., Any]
 ) -> SplitLoss:
     """Builds a :class:`SplitLoss` (needed by ``value_and_grad(..., strategy="gather")``)."""
     _check.callable_(forward, "split_loss", "forward")
@@ -53,9 +53,10 @@ class GradPlan:
     reduction: str
     layout: Layout
     out_dim: int
+    args: tuple = ()  # extra arguments every replica gets as they are (not split, no gradient)
 
     def call_loss(self, params: Any, shard: Any) -> Any:
-        out = _checked_loss(self.loss(params, shard), self.has_aux, "loss_fn")
+        out = _checked_loss(self.loss(params, shard, *self.args), self.has_aux, "loss_fn")
         if self.has_aux:  # aux comes back stacked over replicas: it must be tensors
             for path, leaf in _tree.leaves_with_path(out[1], "aux"):
                 if not isinstance(leaf, torch.Tensor):
@@ -66,8 +67,12 @@ class GradPlan:
                     )
         return out
 
+    def call_forward(self, params: Any, shard: Any) -> Any:
+        return self.loss.forward(params, shard, *self.args)
+
     def call_criterion(self, outputs: Any, batch: Any) -> Any:
-        return _checked_loss(self.loss.criterion(outputs, batch), self.has_aux, "criterion")
+        return _checked_loss(self.loss.criterion(outputs, batch, *self.args), self.has_aux,
+                             "criterion")
 
 
 def _checked_loss(out: Any, has_aux: bool, name: str) -> Any:
@@ -90,7 +95,7 @@ def _checked_loss(out: Any, has_aux: bool, name: str) -> Any:
 
 
 def value_and_grad(
-    loss_fn: Callable[[Any, Any], Any],
+    loss_fn: Callable[..., Any],
     mesh: Mesh,
     has_aux: bool = False,
     *,
@@ -98,13 +103,15 @@ def value_and_grad(
     split: SplitRule = "chunk",
     dim: int = 0,
     reduction: str = "mean",
-) -> Callable[[dict[str, torch.Tensor], Any], tuple[Any, dict[str, torch.Tensor]]]:
+) -> Callable[..., tuple[Any, dict[str, torch.Tensor]]]:
     """Data-parallel loss and gradient that equal the single-device ones for any batch and mesh.
 
     ``loss_fn(params, batch)`` is the loss you would write for one device. The returned function
-    takes ``(params, batch)`` with the full batch, splits it by ``split`` and returns
+    takes ``(params, batch, *args)`` with the full batch, splits it by ``split`` and returns
     ``(loss, grads)`` (``((loss, aux), grads)`` with ``has_aux``), where ``loss`` and ``grads``
-    are those of ``loss_fn(params, batch)`` up to float rounding.
+    are those of ``loss_fn(params, batch)`` up to float rounding. Extra ``args`` (e.g. buffers)
+    reach every replica's ``loss_fn(params, shard, *args)`` as they are: not split, and not
+    differentiated.
 
     Args:
         loss_fn: the single-device loss. With ``strategy="gather"`` it must be a
@@ -152,7 +159,7 @@ def value_and_grad(
     split_key = split if isinstance(split, str) else tuple(split)
     device = mesh.devices[0]
 
-    def run(params: dict[str, torch.Tensor], batch: Any) -> tuple[Any, dict]:
+    def run(params: dict[str, torch.Tensor], batch: Any, *args: Any) -> tuple[Any, dict]:
         # Fast checks first; the thorough ones (which name key paths) run only on failure.
         if not _params_ok(params, device):
             _check_params(params, mesh)
@@ -160,7 +167,7 @@ def value_and_grad(
         if rows is None:
             rows = _checked_rows(batch, mesh, dim)
         layout = _layout(rows, mesh.size, split_key, dim)
-        plan = GradPlan(loss_fn, strategy, has_aux, reduction, layout, dim)
+        plan = GradPlan(loss_fn, strategy, has_aux, reduction, layout, dim, args)
         return mesh.impl.value_and_grad(plan, params, batch)
 
     return run

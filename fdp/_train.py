@@ -9,7 +9,7 @@ import torch
 
 from fdp import _check, _tree
 from fdp._accumulate import accumulate
-from fdp._grad import value_and_grad
+from fdp._grad import SplitLoss, value_and_grad
 from fdp._layout import SplitRule
 from fdp._mesh import Mesh
 
@@ -23,7 +23,9 @@ class TrainState(NamedTuple):
 
     Attributes:
         params: parameter name -> tensor.
-        buffers: buffer name -> tensor (carried and checkpointed; a DP step leaves them as is).
+        buffers: buffer name -> tensor. Checkpointed with the rest; with
+            ``data_parallel_step(..., with_buffers=True)`` the loss reads them. A DP step does
+            not update them (buffer policies under data parallelism are planned).
         opt_state: the optimizer's state (a pytree of tensors).
         step: number of steps taken, an int64 0-d tensor.
         rng: the state of a ``torch.Generator`` (uint8 tensor) for the training loop's own
@@ -46,16 +48,22 @@ class TrainState(NamedTuple):
     ) -> TrainState:
         """A fresh state: ``optimizer.init(params)``, step 0, a generator seeded with ``seed``.
 
+        ``params`` and ``buffers`` are copied, so later in-place changes to a module they came
+        from do not reach the state.
+
         Example:
             >>> state = fdp.TrainState.create({"w": torch.zeros(2)}, fdp.optim.sgd(0.1))
             >>> int(state.step)
             0
         """
         _check.param_dict(params, "TrainState.create")
+        _check.param_dict({} if buffers is None else buffers, "TrainState.create", "buffers")
+        _check_optimizer(optimizer, "TrainState.create")
+        _check.integer(seed, "TrainState.create", "seed")
         generator = torch.Generator().manual_seed(seed)
         return cls(
-            params=dict(params),
-            buffers=dict(buffers or {}),
+            params={k: v.detach().clone() for k, v in params.items()},
+            buffers={k: v.detach().clone() for k, v in (buffers or {}).items()},
             opt_state=optimizer.init(params),
             step=torch.zeros((), dtype=torch.int64),
             rng=generator.get_state(),
@@ -73,6 +81,7 @@ def data_parallel_step(
     dim: int = 0,
     reduction: str = "mean",
     microbatches: int = 1,
+    with_buffers: bool = False,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]:
     """Builds ``step(state, batch) -> (new_state, metrics)``: one data-parallel update.
 
@@ -82,17 +91,23 @@ def data_parallel_step(
     it was, and ``torch.compile(step)`` gives the eager numbers.
 
     Args:
-        loss_fn: ``loss_fn(params, batch)``, the loss you would write for one device.
+        loss_fn: ``loss_fn(params, batch)``, the loss you would write for one device; with
+            ``with_buffers``, ``loss_fn(params, buffers, batch)`` gets ``state.buffers``.
         optimizer: an :mod:`fdp.optim` ``GradientTransformation``.
         mesh: the mesh.
         has_aux: ``loss_fn`` returns ``(loss, aux)``; ``aux`` goes into ``metrics["aux"]``.
         strategy, split, dim, reduction: as for :func:`fdp.value_and_grad`.
         microbatches: gradient accumulation: split the batch into this many slices and run
-            them one after another (the same update as the full batch, less memory).
+            them one after another (the same update as the full batch, less memory). Needs a
+            loss that is a mean (or sum) of per-example terms, so not ``strategy="gather"``,
+            and a named ``split`` rule (explicit sizes would describe one slice, not all).
+        with_buffers: pass ``state.buffers`` to ``loss_fn`` (read-only: e.g. BatchNorm in eval
+            mode; restored checkpoints then reach the model).
 
     Returns:
         ``step(state, batch)``; ``metrics`` holds ``"loss"`` (the full batch's loss) and
-        ``"num_examples"`` (rows in the batch), and ``"aux"`` with ``has_aux``.
+        ``"num_examples"`` (rows in the batch), and ``"aux"`` with ``has_aux`` (with
+        ``microbatches > 1``: a list, one entry per non-empty slice).
 
     Example:
         >>> model = fdp.functionalize(torch.nn.Linear(3, 1))
@@ -108,12 +123,21 @@ def data_parallel_step(
     """
     from fdp.optim import apply_updates
 
-    for name in ("init", "update"):
-        if not callable(getattr(optimizer, name, None)):
-            raise TypeError(f"data_parallel_step: optimizer must be an fdp.optim "
-                            f"GradientTransformation (with init and update), got "
-                            f"{type(optimizer).__name__}")
-    grad_fn = value_and_grad(loss_fn, mesh, has_aux, strategy=strategy, split=split, dim=dim,
+    _check_optimizer(optimizer, "data_parallel_step")
+    _check.callable_(loss_fn, "data_parallel_step", "loss_fn")
+    _check.integer(microbatches, "data_parallel_step", "microbatches")
+    if microbatches != 1 and strategy == "gather":
+        raise ValueError("data_parallel_step: microbatches > 1 weights each slice's loss by its "
+                         "rows, which is exact only for a mean of per-example terms; use "
+                         "strategy='weighted' with accumulation")
+    if microbatches != 1 and not isinstance(split, str):
+        raise ValueError(f"data_parallel_step: split={list(split)} gives the sizes of one batch; "
+                         f"with microbatches={microbatches} use split='chunk' or 'even'")
+    fn = (lambda p, b, buffers: loss_fn(p, buffers, b)) if with_buffers else loss_fn
+    if with_buffers and isinstance(loss_fn, SplitLoss):
+        raise TypeError("data_parallel_step: with_buffers=True takes a plain loss_fn(params, "
+                        "buffers, batch), not a split_loss")
+    grad_fn = value_and_grad(fn, mesh, has_aux, strategy=strategy, split=split, dim=dim,
                              reduction=reduction)
     if microbatches != 1:
         grad_fn = accumulate(grad_fn, microbatches, has_aux=has_aux, dim=dim,
@@ -123,7 +147,8 @@ def data_parallel_step(
         if not isinstance(state, TrainState):
             raise TypeError(f"step: state must be an fdp.TrainState, got "
                             f"{type(state).__name__}; build one with fdp.TrainState.create")
-        out, grads = grad_fn(state.params, batch)
+        args = (state.buffers,) if with_buffers else ()
+        out, grads = grad_fn(state.params, batch, *args)
         loss, aux = out if has_aux else (out, None)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_state = state._replace(params=apply_updates(state.params, updates),
@@ -137,6 +162,14 @@ def data_parallel_step(
         return new_state, metrics
 
     return step
+
+
+def _check_optimizer(optimizer: Any, fn: str) -> None:
+    for name in ("init", "update"):
+        if not callable(getattr(optimizer, name, None)):
+            raise TypeError(f"{fn}: optimizer must be an fdp.optim GradientTransformation "
+                            f"(with init and update), e.g. fdp.optim.adam(1e-3); got "
+                            f"{type(optimizer).__name__}")
 
 
 def _rows(batch: Any, dim: int) -> int:

@@ -95,11 +95,43 @@ def test_corrupt_and_truncated_files_are_clear_errors(tmp_path):
         fdp.load_checkpoint(tmp_path / "nowhere", like={})
 
 
-def test_loading_never_runs_code(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (print, ("executed!",))
+class _Evil:
+    """Unpickling this would create a file: proof that code ran."""
 
-    torch.save({"format": ckpt.FORMAT, "leaves": [Evil()]}, tmp_path / "state.pt")
-    with pytest.raises(ValueError, match="corrupt or truncated"):
+    target = ""
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_loading_never_runs_code(tmp_path):
+    evil = _Evil()
+    evil.target = str(tmp_path / "pwned")
+    torch.save({"format": ckpt.FORMAT, "paths": ["x"], "leaves": [evil]}, tmp_path / "state.pt")
+    with pytest.raises(ValueError, match="holds more than tensors"):
         fdp.load_checkpoint(tmp_path, like={"w": torch.zeros(1)})
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_damaged_table_and_plain_value_types(tmp_path):
+    torch.save({"format": ckpt.FORMAT, "paths": "x", "leaves": []}, tmp_path / "state.pt")
+    with pytest.raises(ValueError, match="table of entries is damaged"):
+        fdp.load_checkpoint(tmp_path, like={})
+    fdp.save_checkpoint(tmp_path, {"n": 1, "w": torch.ones(2)})
+    with pytest.raises(ValueError, match=r"state\['n'\] .* is int, expected str"):
+        fdp.load_checkpoint(tmp_path, like={"n": "a", "w": torch.ones(2)})
+
+
+def test_views_are_saved_without_their_base(tmp_path):
+    base = torch.arange(10_000.0).view(100, 100)
+    path = fdp.save_checkpoint(tmp_path, {"a": base[:2], "b": base[2:4]})
+    assert path.stat().st_size < 20_000  # not the 40 kB base
+    loaded = fdp.load_checkpoint(tmp_path, like={"a": base[:2], "b": base[2:4]})
+    loaded["a"].add_(1)  # the loaded leaves do not share memory
+    assert torch.equal(loaded["b"], base[2:4])
+
+
+def test_stale_temp_files_are_cleaned(tmp_path):
+    (tmp_path / ".state.pt.abc.tmp").write_bytes(b"left by a killed process")
+    fdp.save_checkpoint(tmp_path, {"w": torch.ones(1)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]

@@ -41,5 +41,10 @@ def test_digits_example_trains_both_runs_to_the_same_place(tmp_path):
                                                out)]
     diff = float(re.search(r"max \|parameter difference\| = ([0-9.e+-]+)", out).group(1))
     assert len(accuracies) == 2 and min(accuracies) >= 0.95, out
-    assert diff < 1e-4, out  # float32: same run up to summation order
-    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert diff < 1e-5, out  # float32, SGD: the same run up to summation order (seen: 2.4e-7)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(png)
+    assert pixels.shape[0] > 300 and pixels.shape[1] > 600
+    assert len({tuple(p) for p in pixels.reshape(-1, pixels.shape[-1])[::7].tolist()}) > 20

@@ -162,7 +162,7 @@ def _gathered_total(plan, batch, groups, group_inputs, per_replica, in_dims):
     def total(params: dict) -> tuple[torch.Tensor, Any]:
         parts = []
         for first, k, s in groups:
-            fn = per_replica(lambda shard: plan.loss.forward(params, shard))
+            fn = per_replica(lambda shard: plan.call_forward(params, shard))
             out = vmap(fn, in_dims=in_dims)(*group_inputs(first, k, s))
             parts.append(_tree.map_with_path(
                 lambda path, x, s=s: _merge_replicas(path, x, plan.out_dim, s), out, root="out"))
