@@ -6,6 +6,8 @@ Measures (each ratio from candidates timed interleaved in the same run):
   compile  torch.compile'd fdp DP step (N=8) / plain eager (and compiled single-device, for scale)
   memory   peak memory of the DP step / the functional single-device step (subprocesses,
            larger batches so that activations dominate)
+  jax      compiled fdp DP step (N=8) / jitted JAX value_and_grad and / jitted JAX vmap+pmean
+           step, same MLP weights and batch (needs JAX: pip install "fdp[jax]"; else skipped)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from fdp.bench import _memory, _models
 from fdp.bench._timing import time_interleaved
 
-SECTIONS = ("eager", "sweep", "compile", "memory")
+SECTIONS = ("eager", "sweep", "compile", "memory", "jax")
 
 
 def _row(table: list, measure: str, name: str, stats: dict, base: dict | None) -> None:
@@ -83,6 +85,24 @@ def bench_memory(workloads: list[str], sizes: list[int], table: list) -> None:
                           "total_ratio": dp["peak_rss_mib"] / base["peak_rss_mib"]})
 
 
+def bench_jax(rounds: int, n: int, table: list) -> None:
+    from fdp.bench import _jax  # imports JAX only when this section runs
+
+    note = _jax.missing()
+    if note is not None:
+        table.append({"measure": "jax", "name": note, "ratio": None})
+        return
+    w, fns, diff = _jax.candidates(n)
+    res = time_interleaved(fns, rounds)
+    _row(table, "jax", f"{w.name}: JAX jit 1 device", res["jax_single"], None)
+    _row(table, "jax", f"{w.name}: JAX jit vmap+pmean N={n}", res["jax_vmap"], res["jax_single"])
+    _row(table, "jax", f"{w.name}: compiled fdp DP N={n}", res["fdp"], res["jax_single"])
+    table.append({"measure": "jax", "name": f"{w.name}: fdp DP / JAX vmap+pmean",
+                  "ratio": res["fdp"]["median_ms"] / res["jax_vmap"]["median_ms"]})
+    table.append({"measure": "jax", "name": f"fdp vs JAX grads: max rel diff {diff:.1e}",
+                  "ratio": None, "max_relative_grad_difference": diff})
+
+
 def _print(table: list[dict[str, Any]]) -> None:
     print(f"{'measure':8} {'name':52} {'median':>9} {'min':>9} {'max':>9} {'ratio':>7}")
     for r in table:
@@ -120,10 +140,13 @@ def main(argv: list[str] | None = None) -> int:
         bench_compile(workloads, rounds, 8, table)
     if "memory" in sections:
         bench_memory(workloads, [8] if args.quick else [2, 8, 32], table)
+    if "jax" in sections:
+        bench_jax(rounds, 8, table)
     _print(table)
     if args.json:
         meta = {"torch": torch.__version__, "python": platform.python_version(),
-                "threads": torch.get_num_threads(), "rounds": rounds, "argv": sys.argv[1:]}
+                "threads": torch.get_num_threads(), "rounds": rounds, "argv": sys.argv[1:],
+                "jax": getattr(sys.modules.get("jax"), "__version__", None)}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": table}, f, indent=2)
     return 0
