@@ -1,4 +1,4 @@
-"""Law: data-parallel loss and gradients equal the single-device ones (DESIGN.md §3)."""
+"""Law: data-parallel loss and gradients equal the single-device ones (docs/guarantees.md)."""
 
 from __future__ import annotations
 

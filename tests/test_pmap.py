@@ -1,4 +1,4 @@
-"""pmap and the named-axis collectives (DESIGN.md §3 laws, §4 pitfalls)."""
+"""pmap and the named-axis collectives: the laws of docs/guarantees.md and the vmap pitfalls."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def test_all_gather_axis_index_axis_size(n, tiled, data):
 
 @given(n=mesh_sizes)
 def test_unbatched_input_pitfall(n):
-    """DESIGN §4 (a): psum of a value that is the same on every replica is N times it."""
+    """Pitfall: psum of a value that is the same on every replica is N times it (not once)."""
     mesh = fdp.Mesh(n)
     f = fdp.pmap(lambda x: (fdp.psum(torch.tensor(1.0), "dp"), fdp.pmean(2.0, "dp"),
                             fdp.psum(x * 0 + 3.0, "dp")), mesh, out_axes=None)

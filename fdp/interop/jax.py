@@ -174,11 +174,12 @@ def _narrowed(t: torch.Tensor, path: str) -> torch.Tensor:
         # uint64 has no comparison kernels: read its bits as int64 (values >= 2**63 go negative)
         v = t.view(torch.int64) if t.dtype == torch.uint64 else t
         lo, hi = int(v.min()), int(v.max())
-        if t.dtype == torch.uint64 and lo < 0:
-            lo, hi = -1, int(info.max) + 1  # some value is >= 2**63
+        span = f"[{lo}, {hi}]"
+        if t.dtype == torch.uint64 and lo < 0:  # some value is >= 2**63
+            lo, hi, span = 0, 2**63, "≥ 2**63"
         if lo < info.min or hi > info.max:
             raise ValueError(
-                f"to_jax: {path} is {t.dtype} with values in [{lo}, {hi}], which do not fit "
+                f"to_jax: {path} is {t.dtype} with values {span}, which do not fit "
                 f"{target} (downcast=True, JAX's 64-bit mode off); enable x64 instead: "
                 f'jax.config.update("jax_enable_x64", True)'
             )
@@ -243,6 +244,14 @@ def from_jax(tree: PyTree, *, like: PyTree = None, copy: bool = False) -> PyTree
         )
 
     def matched(path: str, ref: Any) -> torch.Tensor | None:
+        if (found[path] is None) != (ref is None) or not (
+            ref is None or isinstance(ref, torch.Tensor)
+        ):
+            raise ValueError(
+                f"from_jax: {path} is {type(found[path]).__name__} but like has "
+                f"{type(ref).__name__}; like must hold a tensor where the tree holds an array, "
+                f"and None where it holds None"
+            )
         out = convert(path, found[path])
         if (out is not None and isinstance(ref, torch.Tensor)
                 and (out.shape != ref.shape or out.dtype != ref.dtype)):

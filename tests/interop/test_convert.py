@@ -172,7 +172,7 @@ def test_downcast_converts_after_a_range_check():
                     torch.tensor([2**32], dtype=torch.uint64),
                     torch.tensor([2**63], dtype=torch.uint64)):
             with pytest.raises(ValueError, match=r"tree\['x'\] is torch\.u?int64 with values "
-                                                 r"in .* do not fit"):
+                                                 r"(\[-?\d+, -?\d+\]|≥ 2\*\*63), which do not fit"):
                 to_jax({"x": bad}, downcast=True)
 
 
@@ -288,3 +288,13 @@ def test_multi_device_arrays(host_devices):
     replicated = jax.device_put(jnp.arange(3.0), jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec()))
     assert from_jax(replicated).tolist() == [0.0, 1.0, 2.0]
+
+
+def test_from_jax_like_must_match_none_and_tensor_leaves():
+    jnp = pytest.importorskip("jax.numpy")
+    with pytest.raises(ValueError, match=r"tree\['a'\] is NoneType but like has Tensor"):
+        from_jax({"a": None, "b": jnp.ones(2)}, like={"a": torch.zeros(2), "b": torch.zeros(2)})
+    with pytest.raises(ValueError, match=r"tree\['a'\] is .* but like has NoneType"):
+        from_jax({"a": jnp.ones(2), "b": jnp.ones(2)}, like={"a": None, "b": torch.zeros(2)})
+    with pytest.raises(ValueError, match=r"tree\['a'\] is .* but like has int"):
+        from_jax({"a": jnp.ones(2)}, like={"a": 3})
