@@ -71,7 +71,7 @@ class TrainState(NamedTuple):
 
 
 def data_parallel_step(
-    loss_fn: Callable[[Params, Any], Any],
+    loss_fn: Callable[..., Any],
     optimizer: Any,
     mesh: Mesh,
     *,
