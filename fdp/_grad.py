@@ -11,6 +11,7 @@ import torch
 from fdp import _check, _tree
 from fdp._layout import Layout, Sharded, SplitRule, split_sizes
 from fdp._mesh import Mesh
+from fdp._pmap import check_randomness
 from fdp._primitives import batch_size
 
 __all__ = ["SplitLoss", "split_loss", "value_and_grad"]
@@ -54,6 +55,7 @@ class GradPlan:
     layout: Layout
     out_dim: int
     args: tuple = ()  # extra arguments every replica gets as they are (not split, no gradient)
+    randomness: str = "error"
 
     def call_loss(self, params: Any, shard: Any) -> Any:
         out = _checked_loss(self.loss(params, shard, *self.args), self.has_aux, "loss_fn")
@@ -103,6 +105,7 @@ def value_and_grad(
     split: SplitRule = "chunk",
     dim: int = 0,
     reduction: str = "mean",
+    randomness: str = "error",
 ) -> Callable[..., tuple[Any, dict[str, torch.Tensor]]]:
     """Data-parallel loss and gradient that equal the single-device ones for any batch and mesh.
 
@@ -129,6 +132,10 @@ def value_and_grad(
         dim: the batch dimension of every tensor in the batch (and of the forward's outputs
             for ``"gather"``).
         reduction: ``"mean"`` or ``"sum"``: how ``loss_fn`` reduces over examples (weighted).
+        randomness: random ops such as dropout in ``loss_fn``: ``"error"`` (default),
+            ``"different"`` (each replica draws its own values) or ``"same"``, as in
+            :func:`fdp.pmap`. Values differ from a single-device run's draws, so random layers
+            make the result equal to single-device training only in distribution.
 
     Example:
         >>> model = fdp.functionalize(torch.nn.Linear(3, 1))
@@ -153,6 +160,7 @@ def value_and_grad(
         raise ValueError(f"value_and_grad: unknown reduction={reduction!r}; use one of "
                          f"{_REDUCTIONS}")
     _check.integer(dim, "value_and_grad", "dim")
+    check_randomness(randomness, "value_and_grad")
     if isinstance(split, str):
         split_sizes(1, 1, split, "value_and_grad")  # validates the rule's name eagerly
 
@@ -167,7 +175,7 @@ def value_and_grad(
         if rows is None:
             rows = _checked_rows(batch, mesh, dim)
         layout = _layout(rows, mesh.size, split_key, dim)
-        plan = GradPlan(loss_fn, strategy, has_aux, reduction, layout, dim, args)
+        plan = GradPlan(loss_fn, strategy, has_aux, reduction, layout, dim, args, randomness)
         return mesh.impl.value_and_grad(plan, params, batch)
 
     return run

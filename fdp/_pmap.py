@@ -31,6 +31,7 @@ def pmap(
     out_axes: Axes = 0,
     axis_name: str | None = None,
     static_broadcasted_argnums: int | Sequence[int] = (),
+    randomness: str = "error",
 ) -> Callable[..., Any]:
     """Maps ``fn`` over the replicas of ``mesh``; collectives inside it see ``axis_name``.
 
@@ -51,6 +52,10 @@ def pmap(
             cache compilations, so they need not be hashable). Negative positions count from
             the end of each call's positional arguments. A tuple ``in_axes`` still has one
             entry per positional argument; the entries at static positions are ignored.
+        randomness: random ops (dropout) inside ``fn``, as ``torch.func.vmap``'s modes:
+            ``"error"`` (default: they raise), ``"different"`` (each replica draws its own
+            values) or ``"same"`` (every replica draws the same values). Draws come from
+            torch's global generator, so ``torch.manual_seed`` makes a run reproducible.
 
     Returns:
         A function with ``fn``'s arguments. Outputs have the replica axis at ``out_axes``. When
@@ -77,11 +82,12 @@ def pmap(
     _check_axes_spec(in_axes, "in_axes")
     _check_axes_spec(out_axes, "out_axes")
     static = _static_argnums(static_broadcasted_argnums, fn)
+    check_randomness(randomness, "pmap")
 
     @functools.wraps(fn)
     def mapped(*args: Any, **kwargs: Any) -> Any:
         if not static:
-            return _call(fn, mesh, name, in_axes, out_axes, args, kwargs)
+            return _call(fn, mesh, name, in_axes, out_axes, args, kwargs, randomness)
         fixed = _static_positions(static, len(args), args)
         axes = in_axes
         if isinstance(in_axes, (tuple, list)):
@@ -94,7 +100,7 @@ def pmap(
                 )
             axes = tuple(None if i in fixed else a for i, a in enumerate(in_axes))
         wrapped = tuple(_Static(a) if i in fixed else a for i, a in enumerate(args))
-        return _call(_unwrapping(fn), mesh, name, axes, out_axes, wrapped, kwargs)
+        return _call(_unwrapping(fn), mesh, name, axes, out_axes, wrapped, kwargs, randomness)
 
     return mapped
 
@@ -169,7 +175,7 @@ def _unwrapping(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _call(fn: Callable[..., Any], mesh: Mesh, name: str, in_axes: Axes, out_axes: Axes,
-          args: tuple, kwargs: dict[str, Any]) -> Any:
+          args: tuple, kwargs: dict[str, Any], randomness: str) -> Any:
     pairs = _tree.leaves_with_path(args, "args", is_leaf=_is_sharded)
     treedef = _tree.flatten(args, is_leaf=_is_sharded)[1]
     axes = _leaf_axes(in_axes, args)
@@ -198,7 +204,8 @@ def _call(fn: Callable[..., Any], mesh: Mesh, name: str, in_axes: Axes, out_axes
         raise ValueError("pmap: Sharded arguments have different layouts; scatter them "
                          "together as one tree so that they split the same way")
     _check_mapped_inputs(flat, flat_axes, paths, mesh)
-    return _run(fn, mesh, name, out_axes, treedef, flat, flat_axes, kwargs, layouts)
+    return _run(fn, mesh, name, out_axes, treedef, flat, flat_axes, kwargs, layouts,
+                randomness)
 
 
 class _Node:
@@ -271,7 +278,16 @@ def _check_mapped_inputs(flat: list, axes: list, paths: list, mesh: Mesh) -> Non
             )
 
 
-def _run(fn, mesh, name, out_axes, treedef, flat, flat_axes, kwargs, layouts):
+def check_randomness(value: Any, fn: str) -> str:
+    if value not in RANDOMNESS:
+        raise ValueError(f"{fn}: unknown randomness={value!r}; use one of {RANDOMNESS}")
+    return value
+
+
+RANDOMNESS = ("error", "different", "same")
+
+
+def _run(fn, mesh, name, out_axes, treedef, flat, flat_axes, kwargs, layouts, randomness):
     mapped_pos = [i for i, (x, a) in enumerate(zip(flat, flat_axes, strict=True))
                   if a is not None and isinstance(x, torch.Tensor)]
     in_dims = [flat_axes[i] % flat[i].dim() for i in mapped_pos]
@@ -291,7 +307,8 @@ def _run(fn, mesh, name, out_axes, treedef, flat, flat_axes, kwargs, layouts):
                               for x in out_leaves]
         return [x for x in out_leaves if isinstance(x, torch.Tensor)]
 
-    results = iter(mesh.impl.map(body, [flat[i] for i in mapped_pos], in_dims))
+    results = iter(mesh.impl.map(body, [flat[i] for i in mapped_pos], in_dims,
+                                 randomness=randomness))
     out_def = out_info["def"]
     leaves = [next(results) if is_tensor else x for is_tensor, x in out_info["static"]]
     outputs = _tree.unflatten(leaves, out_def)

@@ -82,6 +82,7 @@ def data_parallel_step(
     reduction: str = "mean",
     microbatches: int = 1,
     with_buffers: bool = False,
+    randomness: str = "error",
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]:
     """Builds ``step(state, batch) -> (new_state, metrics)``: one data-parallel update.
 
@@ -96,7 +97,8 @@ def data_parallel_step(
         optimizer: an :mod:`fdp.optim` ``GradientTransformation``.
         mesh: the mesh.
         has_aux: ``loss_fn`` returns ``(loss, aux)``; ``aux`` goes into ``metrics["aux"]``.
-        strategy, split, dim, reduction: as for :func:`fdp.value_and_grad`.
+        strategy, split, dim, reduction, randomness: as for :func:`fdp.value_and_grad`
+            (``randomness="different"`` for dropout; seed with ``torch.manual_seed``).
         microbatches: gradient accumulation: split the batch into this many slices and run
             them one after another (the same update as the full batch, less memory). Needs a
             loss that is a mean (or sum) of per-example terms, so not ``strategy="gather"``,
@@ -138,7 +140,7 @@ def data_parallel_step(
         raise TypeError("data_parallel_step: with_buffers=True takes a plain loss_fn(params, "
                         "buffers, batch), not a split_loss")
     grad_fn = value_and_grad(fn, mesh, has_aux, strategy=strategy, split=split, dim=dim,
-                             reduction=reduction)
+                             reduction=reduction, randomness=randomness)
     if microbatches != 1:
         grad_fn = accumulate(grad_fn, microbatches, has_aux=has_aux, dim=dim,
                              reduction=reduction)

@@ -52,11 +52,13 @@ class Backend(ABC):
         body: Callable[..., Sequence[torch.Tensor]],
         mapped: Sequence[torch.Tensor],
         in_dims: Sequence[int],
+        randomness: str = "error",
     ) -> list[torch.Tensor]:
         """Runs ``body(index, *per_replica_tensors)`` on every replica.
 
         ``index`` is the replica's index; the collectives use it to find this mapping. Outputs
-        come back as replicated values with the replica axis first.
+        come back as replicated values with the replica axis first. ``randomness`` is
+        ``"error"``, ``"different"`` or ``"same"`` (``torch.func.vmap``'s modes).
         """
 
     @abstractmethod

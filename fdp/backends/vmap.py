@@ -67,9 +67,11 @@ class VmapBackend(Backend):
         body: Callable[..., Sequence[torch.Tensor]],
         mapped: Sequence[torch.Tensor],
         in_dims: Sequence[int],
+        randomness: str = "error",
     ) -> list[torch.Tensor]:
         index = torch.arange(self.size, device=self.device)
-        return list(vmap(body, in_dims=(0, *in_dims), out_dims=0)(index, *mapped))
+        return list(vmap(body, in_dims=(0, *in_dims), out_dims=0,
+                         randomness=randomness)(index, *mapped))
 
     def value_and_grad(self, plan: Any, params: dict, batch: Any) -> tuple[Any, dict]:
         """The fused formulation: gradient of the reduced, vmapped loss.
@@ -147,7 +149,8 @@ def _weighted_total(plan, groups, group_inputs, per_replica, in_dims):
         acc, auxes = None, []
         for first, k, s in groups:
             fn = per_replica(lambda shard: plan.call_loss(params, shard))
-            out = vmap(fn, in_dims=in_dims)(*group_inputs(first, k, s))
+            out = vmap(fn, in_dims=in_dims, randomness=plan.randomness)(
+                *group_inputs(first, k, s))
             losses, aux = out if plan.has_aux else (out, None)
             weight = s / batch_size if plan.reduction == "mean" else 1.0
             term = losses.sum() * weight
@@ -163,7 +166,8 @@ def _gathered_total(plan, batch, groups, group_inputs, per_replica, in_dims):
         parts = []
         for first, k, s in groups:
             fn = per_replica(lambda shard: plan.call_forward(params, shard))
-            out = vmap(fn, in_dims=in_dims)(*group_inputs(first, k, s))
+            out = vmap(fn, in_dims=in_dims, randomness=plan.randomness)(
+                *group_inputs(first, k, s))
             parts.append(_tree.map_with_path(
                 lambda path, x, s=s: _merge_replicas(path, x, plan.out_dim, s), out, root="out"))
         outputs = _tree_cat(parts, plan.out_dim)
