@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -60,19 +60,10 @@ def _adam(
         grads: PyTree, state: AdamState, params: PyTree | None = None
     ) -> tuple[PyTree, AdamState]:
         where = f"{fn}.update"
-        _base.check_state(state, AdamState, where, fn)
-        g_leaves = _base.grad_leaves(grads, where)
-        n = len(g_leaves)
-        if wd != 0:
-            _base.need_params(params, where, f"weight_decay={wd}")
-        p_leaves: list[Any] = [None] * n
-        if params is not None:
-            p_leaves = _base.aligned_leaves(where, params, "params", grads)
+        g_leaves, p_leaves = _base.update_inputs(where, fn, state, AdamState, grads, params, wd)
         mu = _base.aligned_leaves(where, state.mu, "state.mu", grads)
         nu = _base.aligned_leaves(where, state.nu, "state.nu", grads)
-        nu_max: list[Any] = [None] * n
-        if amsgrad:
-            nu_max = _base.aligned_leaves(where, state.nu_max, "state.nu_max", grads)
+        nu_max = _base.state_leaves(where, state.nu_max, "state.nu_max", grads, amsgrad)
         lr = _schedules.learning_rate_at(learning_rate, state.count, where)
         step = (state.count + 1).to(torch.float64)
         bias_correction1 = 1 - b1**step

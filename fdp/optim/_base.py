@@ -204,6 +204,31 @@ def check_state(state: Any, expected: type, fn: str, factory: str) -> None:
         )
 
 
+def update_inputs(
+    where: str, factory: str, state: Any, state_type: type, grads: PyTree,
+    params: PyTree | None, weight_decay: float,
+) -> tuple[list[torch.Tensor], list[Any]]:
+    """The checks every optimizer's ``update`` starts with.
+
+    Returns the grad leaves and the params' leaves aligned to them by key path (``None``s when
+    no params were given and none are needed).
+    """
+    check_state(state, state_type, where, factory)
+    g_leaves = grad_leaves(grads, where)
+    if weight_decay != 0:
+        need_params(params, where, f"weight_decay={weight_decay}")
+    if params is None:
+        return g_leaves, [None] * len(g_leaves)
+    return g_leaves, aligned_leaves(where, params, "params", grads)
+
+
+def state_leaves(where: str, tree: PyTree, name: str, grads: PyTree, present: bool) -> list[Any]:
+    """An optional part of an optimizer's state, aligned to the grads (``None``s if absent)."""
+    if not present:
+        return [None] * len(pytree.tree_leaves(grads))
+    return aligned_leaves(where, tree, name, grads)
+
+
 def need_params(params: PyTree | None, fn: str, why: str) -> None:
     if params is None:
         raise ValueError(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -83,22 +83,12 @@ def rmsprop(
         grads: PyTree, state: RMSPropState, params: PyTree | None = None
     ) -> tuple[PyTree, RMSPropState]:
         where = "rmsprop.update"
-        _base.check_state(state, RMSPropState, where, "rmsprop")
-        g_leaves = _base.grad_leaves(grads, where)
-        n = len(g_leaves)
-        if wd != 0:
-            _base.need_params(params, where, f"weight_decay={wd}")
-        p_leaves: list[Any] = [None] * n
-        if params is not None:
-            p_leaves = _base.aligned_leaves(where, params, "params", grads)
+        g_leaves, p_leaves = _base.update_inputs(where, "rmsprop", state, RMSPropState, grads,
+                                                 params, wd)
         sq = _base.aligned_leaves(where, state.square_avg, "state.square_avg", grads)
-        ga: list[Any] = [None] * n
-        if centered:
-            ga = _base.aligned_leaves(where, state.grad_avg, "state.grad_avg", grads)
-        buf: list[Any] = [None] * n
-        if m > 0:
-            buf = _base.aligned_leaves(where, state.momentum_buffer, "state.momentum_buffer",
-                                       grads)
+        ga = _base.state_leaves(where, state.grad_avg, "state.grad_avg", grads, centered)
+        buf = _base.state_leaves(where, state.momentum_buffer, "state.momentum_buffer", grads,
+                                 m > 0)
         lr = _schedules.learning_rate_at(learning_rate, state.count, where)
         out: list[list[torch.Tensor]] = [[], [], [], []]
         for g, p, s, c, b in zip(g_leaves, p_leaves, sq, ga, buf, strict=True):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -75,19 +75,11 @@ def sgd(
         grads: PyTree, state: SGDState, params: PyTree | None = None
     ) -> tuple[PyTree, SGDState]:
         where = "sgd.update"
-        _base.check_state(state, SGDState, where, "sgd")
-        g_leaves = _base.grad_leaves(grads, where)
-        n = len(g_leaves)
-        p_leaves: list[Any] = [None] * n
-        if wd != 0:
-            _base.need_params(params, where, f"weight_decay={wd}")
-        if params is not None:
-            p_leaves = _base.aligned_leaves(where, params, "params", grads)
+        g_leaves, p_leaves = _base.update_inputs(where, "sgd", state, SGDState, grads, params,
+                                                 wd)
         lr = _schedules.learning_rate_at(learning_rate, state.count, where)
-        b_leaves: list[Any] = [None] * n
-        if m != 0:
-            b_leaves = _base.aligned_leaves(where, state.momentum_buffer,
-                                            "state.momentum_buffer", grads)
+        b_leaves = _base.state_leaves(where, state.momentum_buffer, "state.momentum_buffer",
+                                      grads, m != 0)
         first = state.count == 0
         updates, buffers = [], []
         for g, p, b in zip(g_leaves, p_leaves, b_leaves, strict=True):
