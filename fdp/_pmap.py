@@ -119,15 +119,22 @@ def _static_argnums(value: Any, fn: Callable[..., Any]) -> tuple[int, ...]:
     if not positions or torch.compiler.is_compiling():  # dynamo cannot trace inspect
         return positions
     count = _positional_count(fn)
-    if count is not None:
-        bad = [i for i in positions if not -count <= i < count]
-        if bad:
-            raise ValueError(
-                f"pmap: static_broadcasted_argnums={value!r} has {bad}, out of range for "
-                f"{getattr(fn, '__name__', 'fn')}, which takes {count} positional "
-                f"argument{'s' if count != 1 else ''} (valid: {-count} .. {count - 1})"
-            )
+    bad = [] if count is None else _out_of_range(positions, count)
+    if bad:
+        raise ValueError(
+            f"pmap: static_broadcasted_argnums={value!r} has {bad}, out of range for "
+            f"{getattr(fn, '__name__', 'fn')}, which takes {_arguments(count)} "
+            f"(valid: {-count} .. {count - 1})"
+        )
     return positions
+
+
+def _out_of_range(positions: tuple[int, ...], count: int) -> list[int]:
+    return [i for i in positions if not -count <= i < count]
+
+
+def _arguments(count: int) -> str:
+    return f"{count} positional argument{'s' if count != 1 else ''}"
 
 
 def _positional_count(fn: Callable[..., Any]) -> int | None:
@@ -144,12 +151,12 @@ def _positional_count(fn: Callable[..., Any]) -> int | None:
 
 
 def _static_positions(static: tuple[int, ...], count: int, args: tuple) -> dict[int, Any]:
-    bad = [i for i in static if not -count <= i < count]
+    bad = _out_of_range(static, count)
     if bad:
         raise ValueError(
             f"pmap: static_broadcasted_argnums has {bad}, but the function was called with "
-            f"{count} positional argument{'s' if count != 1 else ''}; pass the static values "
-            f"positionally (keyword arguments are always broadcast)"
+            f"{_arguments(count)}; pass the static values positionally (keyword arguments are "
+            f"always broadcast)"
         )
     fixed = {i % count: args[i] for i in static}
     for i, value in fixed.items():
