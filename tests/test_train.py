@@ -202,3 +202,23 @@ def test_step_option_combinations_are_checked():
     with pytest.raises(TypeError, match=r"has_aux=True, value_and_grad_fn must return"):
         fdp.accumulate(lambda p, b: (torch.tensor(0.0), p), 2, has_aux=True)(
             {"w": torch.ones(1)}, torch.ones(4, 1))
+
+
+@pytest.mark.parametrize("microbatches", [1, 3])
+def test_compiled_step_is_one_graph_compiled_once(microbatches):
+    """No graph breaks, and no recompilation for a repeated batch size (uneven split)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model, loss_fn = _problem(torch.float32)
+    optimizer = fdp.optim.adam(fdp.optim.cosine_decay_schedule(1e-2, 10))
+    step = fdp.data_parallel_step(loss_fn, optimizer, fdp.Mesh(4), microbatches=microbatches)
+    state = fdp.TrainState.create(model.params, optimizer)
+    batch = _batch(13, torch.float32)
+    counter = CompileCounter()
+    compiled = torch.compile(step, backend=counter)
+    for _ in range(3):
+        state, _ = compiled(state, batch)
+    assert counter.frame_count == 1
+    assert torch._dynamo.explain(step)(state, batch).graph_break_count == 0
+    torch._dynamo.reset()
