@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import grad, hessian, jacrev, jvp, vmap
 
 import fdp
-from tests.helpers import F64_REL, assert_close, batch_sizes, mesh_sizes, splits
+from tests.helpers import F32_REL, F64_REL, assert_close, batch_sizes, mesh_sizes, splits
 
 f64 = torch.float64
 
@@ -19,27 +19,32 @@ def _per_example(p, x):
     return torch.tanh(x @ p["w"] + p["b"])
 
 
-@given(n=mesh_sizes, b=batch_sizes, data=st.data())
-def test_gather_pmap_scatter_is_the_function(n, b, data):
+DTYPES = st.sampled_from([(torch.float64, F64_REL), (torch.float32, F32_REL)])
+
+
+@given(n=mesh_sizes, b=batch_sizes, data=st.data(), dtype=DTYPES)
+def test_gather_pmap_scatter_is_the_function(n, b, data, dtype):
     """gather(pmap(f)(replicate(p), scatter(x))) == f(p, x) for a per-example f."""
+    dt, rel = dtype
     mesh = fdp.Mesh(n)
-    p = {"w": torch.randn(3, 2, dtype=f64), "b": torch.randn(2, dtype=f64)}
-    x = torch.randn(b, 3, dtype=f64)
+    p = {"w": torch.randn(3, 2, dtype=dt), "b": torch.randn(2, dtype=dt)}
+    x = torch.randn(b, 3, dtype=dt)
     out = fdp.pmap(_per_example, mesh)(fdp.replicate(p, mesh),
                                         fdp.scatter(x, mesh, split=data.draw(splits(b, n))))
     assert isinstance(out, fdp.Sharded)
-    assert_close(fdp.gather(out, mesh), _per_example(p, x), F64_REL)
+    assert_close(fdp.gather(out, mesh), _per_example(p, x), rel)
 
 
-@given(n=mesh_sizes, op=st.sampled_from(["psum", "pmean", "pmax", "pmin"]))
-def test_reductions_match_all_reduce(n, op):
+@given(n=mesh_sizes, op=st.sampled_from(["psum", "pmean", "pmax", "pmin"]), dtype=DTYPES)
+def test_reductions_match_all_reduce(n, op, dtype):
+    dt, rel = dtype
     mesh = fdp.Mesh(n)
-    x = {"a": torch.randn(n, 3, dtype=f64), "b": [torch.randn(n, dtype=f64)]}
+    x = {"a": torch.randn(n, 3, dtype=dt), "b": [torch.randn(n, dtype=dt)]}
     collective = getattr(fdp, op)
     out = fdp.pmap(lambda t: collective(t, "dp"), mesh)(x)
     ref = fdp.all_reduce(x, mesh, {"psum": "sum", "pmean": "mean", "pmax": "max",
                                    "pmin": "min"}[op])
-    assert_close(out, ref, F64_REL)
+    assert_close(out, ref, rel)
 
 
 @given(n=mesh_sizes, tiled=st.booleans(), data=st.data())
