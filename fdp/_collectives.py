@@ -33,9 +33,19 @@ __all__ = ["all_gather", "axis_index", "axis_size", "pmax", "pmean", "pmin", "ps
 
 @dataclass(frozen=True)
 class AxisFrame:
+    """One bound mesh axis.
+
+    ``comm`` is ``None`` on the vmap backend (collectives are vmap rules); the threads and
+    distributed backends give a :class:`fdp.backends._comm.Communicator` that moves data between
+    replicas. ``mask`` marks this replica's real rows when the mapped batch was padded (an
+    uneven :func:`fdp.scatter`), else ``None``.
+    """
+
     name: str
     size: int
     index: torch.Tensor
+    comm: Any = None
+    mask: torch.Tensor | None = None
 
 
 _state = threading.local()
@@ -166,6 +176,73 @@ class _AllGather(torch.autograd.Function):
         return x.movedim(x_dim, axis), None
 
 
+class _CommAllReduce(torch.autograd.Function):
+    """A collective through a communicator (threads and distributed backends)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, comm: Any, op: str) -> torch.Tensor:
+        return comm.all_reduce(x, op)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        x, ctx.comm, ctx.op = inputs
+        if ctx.op in ("max", "min"):
+            ctx.save_for_backward(x, output)
+            ctx.save_for_forward(x, output)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple:
+        if ctx.op in ("sum", "mean"):
+            return _CommAllReduce.apply(g, ctx.comm, ctx.op), None, None
+        x, y = ctx.saved_tensors
+        hit = (x == y).to(g.dtype)
+        total = _CommAllReduce.apply(g, ctx.comm, "sum")
+        ties = _CommAllReduce.apply(hit, ctx.comm, "sum")
+        return total * hit / ties, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: torch.Tensor, *_: Any) -> torch.Tensor:
+        if ctx.op in ("sum", "mean"):
+            return _CommAllReduce.apply(x_t, ctx.comm, ctx.op)
+        x, y = ctx.saved_tensors
+        hit = (x == y).to(x_t.dtype)
+        ties = _CommAllReduce.apply(hit, ctx.comm, "sum")
+        return _CommAllReduce.apply(x_t * hit, ctx.comm, "sum") / ties
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, x: torch.Tensor, comm: Any, op: str):
+        # A vmap inside the replica: every replica has the same vmapped size, so one
+        # elementwise collective over the stacked values serves all vmapped entries.
+        if in_dims[0] is None:
+            return _CommAllReduce.apply(x, comm, op), None
+        return _CommAllReduce.apply(x.movedim(in_dims[0], 0), comm, op), 0
+
+
+class _CommAllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(x: torch.Tensor, comm: Any, axis: int) -> torch.Tensor:
+        return comm.all_gather(x).movedim(0, axis)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        _, ctx.comm, ctx.axis = inputs
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple:
+        total = _CommAllReduce.apply(g, ctx.comm, "sum")
+        return total.select(ctx.axis, ctx.comm.index()), None, None
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: torch.Tensor, *_: Any) -> torch.Tensor:
+        return _CommAllGather.apply(x_t, ctx.comm, ctx.axis)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, x: torch.Tensor, comm: Any, axis: int):
+        if in_dims[0] is None:
+            return _CommAllGather.apply(x, comm, axis), None
+        return _CommAllGather.apply(x.movedim(in_dims[0], 0), comm, axis + 1), 0
+
+
 def _tree_collective(tree: Any, fn: str, leaf_op: Any) -> Any:
     """Applies ``leaf_op`` to every tensor (or Python number) leaf; ``None`` stays ``None``."""
 
@@ -189,6 +266,8 @@ def _all_reduce(tree: Any, axis_name: str, op: str, fn: str) -> Any:
     def leaf_op(x: torch.Tensor) -> torch.Tensor:
         if op == "mean" and not (x.is_floating_point() or x.is_complex()):
             raise TypeError(f"{fn}: needs a floating-point value, got {x.dtype}; cast it first")
+        if frame.comm is not None:
+            return _CommAllReduce.apply(x.to(frame.index.device), frame.comm, op)
         return _AllReduce.apply(x, frame.index, op, frame.size)
 
     return _tree_collective(tree, fn, leaf_op)
@@ -241,7 +320,10 @@ def all_gather(x: Any, axis_name: str, axis: int = 0, tiled: bool = False) -> An
                 f"{' and tiled=True' if tiled else ''}"
             )
         ax = axis % rank
-        out = _AllGather.apply(v, frame.index, ax, frame.size)
+        if frame.comm is not None:
+            out = _CommAllGather.apply(v.to(frame.index.device), frame.comm, ax)
+        else:
+            out = _AllGather.apply(v, frame.index, ax, frame.size)
         return out.flatten(ax, ax + 1) if tiled else out
 
     return _tree_collective(x, "all_gather", leaf_op)
@@ -250,6 +332,11 @@ def all_gather(x: Any, axis_name: str, axis: int = 0, tiled: bool = False) -> An
 def axis_index(axis_name: str) -> torch.Tensor:
     """This replica's index along ``axis_name`` (an int64 scalar tensor)."""
     return lookup(axis_name, "axis_index").index
+
+
+def row_mask(axis_name: str) -> torch.Tensor | None:
+    """This replica's real-row mask (bool, one entry per padded row) or ``None`` if unpadded."""
+    return lookup(axis_name, "row_mask").mask
 
 
 def axis_size(axis_name: str) -> int:

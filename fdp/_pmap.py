@@ -298,14 +298,21 @@ def _run(fn, mesh, name, out_axes, treedef, flat, flat_axes, kwargs, layouts, ra
     mapped_pos = [i for i, (x, a) in enumerate(zip(flat, flat_axes, strict=True))
                   if a is not None and isinstance(x, torch.Tensor)]
     in_dims = [flat_axes[i] % flat[i].dim() for i in mapped_pos]
+    mapped = [flat[i] for i in mapped_pos]
+    padded = bool(layouts) and not layouts[0].even
+    if padded:  # the row mask rides along as one more mapped input
+        mapped.append(mesh.impl.local(layouts[0].mask(mesh.devices[0])))
+        in_dims.append(0)
     out_info: dict[str, Any] = {}
 
     def body(index: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        mask = tensors[-1] if padded else None
         values = list(flat)
-        for i, t in zip(mapped_pos, tensors, strict=True):
+        for i, t in zip(mapped_pos, tensors[:len(mapped_pos)], strict=True):
             values[i] = t
         args = _rebuild_args(values, treedef)
-        with bind_axis(AxisFrame(name, mesh.size, index)):
+        frame = AxisFrame(name, mesh.size, index, comm=mesh.impl.comm(), mask=mask)
+        with bind_axis(frame):
             out = fn(*args, **kwargs)
         out_leaves, out_def = _tree.flatten(out)
         out_info["def"] = out_def
@@ -314,8 +321,7 @@ def _run(fn, mesh, name, out_axes, treedef, flat, flat_axes, kwargs, layouts, ra
                               for x in out_leaves]
         return [x for x in out_leaves if isinstance(x, torch.Tensor)]
 
-    results = iter(mesh.impl.map(body, [flat[i] for i in mapped_pos], in_dims,
-                                 randomness=randomness))
+    results = iter(mesh.impl.map(body, mapped, in_dims, randomness=randomness))
     out_def = out_info["def"]
     leaves = [next(results) if is_tensor else x for is_tensor, x in out_info["static"]]
     outputs = _tree.unflatten(leaves, out_def)

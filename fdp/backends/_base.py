@@ -24,6 +24,19 @@ class Backend(ABC):
     name: str
     size: int
 
+    @property
+    def local_size(self) -> int:
+        """Replicas whose values this process holds (the leading axis of replicated values)."""
+        return self.size
+
+    def local(self, x: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a tensor with one entry per replica on its leading axis."""
+        return x
+
+    def comm(self) -> Any:
+        """The communicator collectives use inside :meth:`map` (``None``: vmap rules)."""
+        return None
+
     @abstractmethod
     def replicate(self, x: torch.Tensor) -> torch.Tensor:
         """One copy of ``x`` per replica."""
