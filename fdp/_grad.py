@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 import torch
 
 from fdp import _check, _tree
+from fdp._buffers import check_policy
 from fdp._layout import Layout, Sharded, SplitRule, split_sizes
 from fdp._mesh import Mesh
 from fdp._pmap import check_randomness
@@ -56,18 +57,28 @@ class GradPlan:
     out_dim: int
     args: tuple = ()  # extra arguments every replica gets as they are (not split, no gradient)
     randomness: str = "error"
+    buffers: dict[str, torch.Tensor] | None = None  # with a buffer policy: the step's input
+    buffer_policy: str | None = None
+    axis_name: str = "dp"
 
-    def call_loss(self, params: Any, shard: Any) -> Any:
-        out = _checked_loss(self.loss(params, shard, *self.args), self.has_aux, "loss_fn")
-        if self.has_aux:  # aux comes back stacked over replicas: it must be tensors
-            for path, leaf in _tree.leaves_with_path(out[1], "aux"):
-                if not isinstance(leaf, torch.Tensor):
-                    raise TypeError(
-                        f"value_and_grad: {path} is a {type(leaf).__name__}; with "
-                        f"strategy='weighted', aux is stacked over replicas and must hold "
-                        f"tensors (wrap it with torch.tensor)"
-                    )
-        return out
+    def call_loss(self, params: Any, shard: Any, buffers: Any = None) -> tuple[Any, Any, Any]:
+        """``(loss, aux, new_buffers)`` of one replica (``aux``/``new_buffers`` may be None)."""
+        if self.buffer_policy is None:
+            out, new_buffers = self.loss(params, shard, *self.args), None
+        else:
+            out, new_buffers = _split_buffers(self.loss(params, buffers, shard, *self.args),
+                                              buffers)
+        out = _checked_loss(out, self.has_aux, "loss_fn")
+        if not self.has_aux:
+            return out, None, new_buffers
+        for path, leaf in _tree.leaves_with_path(out[1], "aux"):
+            if not isinstance(leaf, torch.Tensor):  # aux comes back stacked over replicas
+                raise TypeError(
+                    f"value_and_grad: {path} is a {type(leaf).__name__}; with "
+                    f"strategy='weighted', aux is stacked over replicas and must hold "
+                    f"tensors (wrap it with torch.tensor)"
+                )
+        return out[0], out[1], new_buffers
 
     def call_forward(self, params: Any, shard: Any) -> Any:
         return self.loss.forward(params, shard, *self.args)
@@ -75,6 +86,30 @@ class GradPlan:
     def call_criterion(self, outputs: Any, batch: Any) -> Any:
         return _checked_loss(self.loss.criterion(outputs, batch, *self.args), self.has_aux,
                              "criterion")
+
+
+def _split_buffers(result: Any, buffers: dict[str, torch.Tensor]) -> tuple[Any, dict]:
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict)):
+        raise TypeError(
+            f"value_and_grad: with a buffer_policy, loss_fn(params, buffers, batch) must "
+            f"return (loss, new_buffers) (((loss, aux), new_buffers) with has_aux), got "
+            f"{type(result).__name__}; model.apply returns the new buffers"
+        )
+    out, new_buffers = result
+    if new_buffers.keys() != buffers.keys():
+        raise ValueError(
+            f"value_and_grad: loss_fn returned buffers with keys {sorted(new_buffers)} but got "
+            f"{sorted(buffers)}; return every buffer (model.apply's second output)"
+        )
+    for key, value in new_buffers.items():
+        old = buffers[key]
+        if not isinstance(value, torch.Tensor) or value.shape != old.shape \
+                or value.dtype != old.dtype:
+            got = (f"{value.dtype}{list(value.shape)}" if isinstance(value, torch.Tensor)
+                   else type(value).__name__)
+            raise ValueError(f"value_and_grad: new_buffers[{key!r}] is {got}, but the buffer "
+                             f"is {old.dtype}{list(old.shape)}")
+    return out, new_buffers
 
 
 def _checked_loss(out: Any, has_aux: bool, name: str) -> Any:
@@ -106,6 +141,7 @@ def value_and_grad(
     dim: int = 0,
     reduction: str = "mean",
     randomness: str = "error",
+    buffer_policy: str | None = None,
 ) -> Callable[..., tuple[Any, dict[str, torch.Tensor]]]:
     """Data-parallel loss and gradient that equal the single-device ones for any batch and mesh.
 
@@ -136,6 +172,13 @@ def value_and_grad(
             ``"different"`` (each replica draws its own values) or ``"same"``, as in
             :func:`fdp.pmap`. Values differ from a single-device run's draws, so random layers
             make the result equal to single-device training only in distribution.
+        buffer_policy: for models with state that the forward updates (BatchNorm running
+            stats): ``"replica0"``, ``"mean"`` or ``"sync"`` (see ``fdp._buffers`` and
+            docs/training.md). Then ``loss_fn(params, buffers, batch)`` returns
+            ``(loss, new_buffers)`` (``((loss, aux), new_buffers)`` with ``has_aux``), the
+            returned function takes ``(params, buffers, batch, *args)`` and gives
+            ``((loss, new_buffers), grads)``. Collectives inside ``loss_fn`` (e.g.
+            :class:`fdp.nn.SyncBatchNorm`) see ``mesh.axis_name``.
 
     Example:
         >>> model = fdp.functionalize(torch.nn.Linear(3, 1))
@@ -163,11 +206,15 @@ def value_and_grad(
     check_randomness(randomness, "value_and_grad")
     if isinstance(split, str):
         split_sizes(1, 1, split, "value_and_grad")  # validates the rule's name eagerly
+    check_policy(buffer_policy, "value_and_grad")
+    if buffer_policy is not None and strategy == "gather":
+        raise ValueError("value_and_grad: buffer_policy works with strategy='weighted' (each "
+                         "replica's loss_fn returns its new buffers)")
 
     split_key = split if isinstance(split, str) else tuple(split)
     device = mesh.devices[0]
 
-    def run(params: dict[str, torch.Tensor], batch: Any, *args: Any) -> tuple[Any, dict]:
+    def plan_for(params: dict, batch: Any, args: tuple, buffers: Any) -> GradPlan:
         # Fast checks first; the thorough ones (which name key paths) run only on failure.
         if not _params_ok(params, device):
             _check_params(params, mesh)
@@ -175,10 +222,36 @@ def value_and_grad(
         if rows is None:
             rows = _checked_rows(batch, mesh, dim)
         layout = _layout(rows, mesh.size, split_key, dim)
-        plan = GradPlan(loss_fn, strategy, has_aux, reduction, layout, dim, args, randomness)
-        return mesh.impl.value_and_grad(plan, params, batch)
+        return GradPlan(loss_fn, strategy, has_aux, reduction, layout, dim, args, randomness,
+                        buffers, buffer_policy, mesh.axis_name)
 
-    return run
+    if buffer_policy is None:
+        def run(params: dict[str, torch.Tensor], batch: Any, *args: Any) -> tuple[Any, dict]:
+            return _call_backend(mesh, plan_for(params, batch, args, None), params, batch)
+
+        return run
+
+    def run_with_buffers(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+                         batch: Any, *args: Any) -> tuple[Any, dict]:
+        _check.param_dict(buffers, "value_and_grad", "buffers")
+        return _call_backend(mesh, plan_for(params, batch, args, buffers), params, batch)
+
+    return run_with_buffers
+
+
+def _call_backend(mesh: Mesh, plan: GradPlan, params: dict, batch: Any) -> tuple[Any, dict]:
+    try:
+        return mesh.impl.value_and_grad(plan, params, batch)
+    except ValueError as e:
+        if "Expected more than 1 value per channel" not in str(e):
+            raise
+        raise ValueError(
+            f"value_and_grad: a BatchNorm layer in training got 1 row per channel on a replica "
+            f"(the batch of {plan.layout.total} splits into {plan.layout.sizes}); per-replica "
+            f"batch statistics need at least 2 rows. Use buffer_policy='sync' with "
+            f"fdp.nn.convert_sync_batchnorm(module) (statistics over the whole batch), a larger "
+            f"batch, or eval mode"
+        ) from e
 
 
 def _params_ok(params: Any, device: torch.device) -> bool:

@@ -24,8 +24,8 @@ class TrainState(NamedTuple):
     Attributes:
         params: parameter name -> tensor.
         buffers: buffer name -> tensor. Checkpointed with the rest; with
-            ``data_parallel_step(..., with_buffers=True)`` the loss reads them. A DP step does
-            not update them (buffer policies under data parallelism are planned).
+            ``data_parallel_step(..., with_buffers=True)`` the loss reads them, and with a
+            ``buffer_policy`` the step also replaces them with the updated ones.
         opt_state: the optimizer's state (a pytree of tensors).
         step: number of steps taken, an int64 0-d tensor.
         rng: the state of a ``torch.Generator`` (uint8 tensor) for the training loop's own
@@ -82,6 +82,7 @@ def data_parallel_step(
     reduction: str = "mean",
     microbatches: int = 1,
     with_buffers: bool = False,
+    buffer_policy: str | None = None,
     randomness: str = "error",
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]:
     """Builds ``step(state, batch) -> (new_state, metrics)``: one data-parallel update.
@@ -105,6 +106,13 @@ def data_parallel_step(
             and a named ``split`` rule (explicit sizes would describe one slice, not all).
         with_buffers: pass ``state.buffers`` to ``loss_fn`` (read-only: e.g. BatchNorm in eval
             mode; restored checkpoints then reach the model).
+        buffer_policy: for layers that update buffers in training (BatchNorm):
+            ``"replica0"`` (``nn.DataParallel``'s choice), ``"mean"`` (row-weighted average)
+            or ``"sync"`` (layers converted with :func:`fdp.nn.convert_sync_batchnorm`
+            compute their statistics over the whole mesh: equal to single-device training).
+            ``loss_fn(params, buffers, batch)`` then returns ``(loss, new_buffers)``
+            (``((loss, aux), new_buffers)`` with ``has_aux``) and the step stores the kept
+            buffers in the new state. See docs/training.md.
 
     Returns:
         ``step(state, batch)``; ``metrics`` holds ``"loss"`` (the full batch's loss) and
@@ -135,12 +143,17 @@ def data_parallel_step(
     if microbatches != 1 and not isinstance(split, str):
         raise ValueError(f"data_parallel_step: split={list(split)} gives the sizes of one batch; "
                          f"with microbatches={microbatches} use split='chunk' or 'even'")
+    if buffer_policy is not None and (with_buffers or microbatches != 1):
+        raise ValueError("data_parallel_step: buffer_policy already passes state.buffers to "
+                         "loss_fn (drop with_buffers=True), and it does not combine with "
+                         "microbatches > 1 (each slice would update the buffers once)")
     fn = (lambda p, b, buffers: loss_fn(p, buffers, b)) if with_buffers else loss_fn
     if with_buffers and isinstance(loss_fn, SplitLoss):
         raise TypeError("data_parallel_step: with_buffers=True takes a plain loss_fn(params, "
                         "buffers, batch), not a split_loss")
     grad_fn = value_and_grad(fn, mesh, has_aux, strategy=strategy, split=split, dim=dim,
-                             reduction=reduction, randomness=randomness)
+                             reduction=reduction, randomness=randomness,
+                             buffer_policy=buffer_policy)
     if microbatches != 1:
         grad_fn = accumulate(grad_fn, microbatches, has_aux=has_aux, dim=dim,
                              reduction=reduction)
@@ -149,12 +162,15 @@ def data_parallel_step(
         if not isinstance(state, TrainState):
             raise TypeError(f"step: state must be an fdp.TrainState, got "
                             f"{type(state).__name__}; build one with fdp.TrainState.create")
-        args = (state.buffers,) if with_buffers else ()
-        out, grads = grad_fn(state.params, batch, *args)
+        buffers = state.buffers
+        if buffer_policy is not None:
+            (out, buffers), grads = grad_fn(state.params, state.buffers, batch)
+        else:
+            out, grads = grad_fn(state.params, batch, *((buffers,) if with_buffers else ()))
         loss, aux = out if has_aux else (out, None)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_state = state._replace(params=apply_updates(state.params, updates),
-                                   opt_state=opt_state, step=state.step + 1)
+                                   buffers=buffers, opt_state=opt_state, step=state.step + 1)
         metrics: dict[str, Any] = {
             "loss": loss,
             "num_examples": torch.tensor(_rows(batch, dim), dtype=torch.int64),

@@ -210,6 +210,26 @@ def test_documented_limits_raise_instead_of_diverging():
 
         with pytest.raises(RuntimeError, match=pattern):
             fdp.value_and_grad(loss_fn, mesh)(model.params, x)
-    with pytest.raises(ValueError, match="not bound"):
+    with pytest.raises(ValueError, match="same number of rows"):  # groups cannot talk
         fdp.value_and_grad(lambda p, b: fdp.pmean((b * p["w"]).mean(), "dp"), mesh)(
+            {"w": torch.ones(3)}, torch.randn(5, 3))
+    with pytest.raises(ValueError, match="unknown axis name"):
+        fdp.value_and_grad(lambda p, b: fdp.pmean((b * p["w"]).mean(), "batch"), mesh)(
             {"w": torch.ones(3)}, x)
+
+
+def test_collectives_in_loss_fn_see_the_mesh_axis():
+    """With equal shards, loss_fn runs inside the mesh axis: pmean of the shard loss is the
+    full-batch loss on every replica, so the weighted sum counts it once per replica."""
+    mesh = fdp.Mesh(4)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    params = {"w": torch.randn(3, dtype=torch.float64)}
+
+    def loss_fn(p, b):
+        return (b @ p["w"]).pow(2).mean()
+
+    loss, grads = fdp.value_and_grad(lambda p, b: fdp.pmean(loss_fn(p, b), "dp"), mesh)(
+        params, x)
+    ref_loss, ref_grads = fdp.value_and_grad(loss_fn, fdp.Mesh(1))(params, x)
+    assert_close(loss, ref_loss, F64_REL)
+    assert_close(grads, ref_grads, F64_REL)

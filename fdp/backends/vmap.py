@@ -9,6 +9,8 @@ import torch
 from torch.func import grad_and_value, vmap
 
 from fdp import _tree
+from fdp._buffers import reduce_buffers
+from fdp._collectives import AxisFrame, bind_axis
 from fdp._layout import Layout
 from fdp.backends._base import Backend
 
@@ -82,32 +84,75 @@ class VmapBackend(Backend):
         leaves, treedef = _tree.flatten(batch)
         dims = [plan.layout.dim % leaf.dim() if _is_tensor(leaf) else None for leaf in leaves]
         groups = plan.layout.groups()
+        if plan.buffer_policy == "sync" and len(groups) > 1:
+            raise ValueError(
+                f"value_and_grad: buffer_policy='sync' on the vmap backend needs every replica "
+                f"to hold the same number of rows, but the batch of {plan.layout.total} splits "
+                f"into {plan.layout.sizes}; use a batch size divisible by {self.size}, or a "
+                f"threads mesh (fdp.Mesh(devices=[...])), where shards may differ"
+            )
+        buffer_keys = list(plan.buffers) if plan.buffer_policy is not None else []
 
         def group_inputs(first: int, k: int, s: int) -> list[torch.Tensor]:
-            return [(leaf if k * s == leaf.shape[d] else leaf.narrow(d, first, k * s))
-                    .unflatten(d, (k, s))
-                    for leaf, d in zip(leaves, dims, strict=True) if d is not None]
+            index = torch.arange(_replica_of(plan.layout, first), _replica_of(plan.layout, first)
+                                 + k, device=self.device)
+            shard = [(leaf if k * s == leaf.shape[d] else leaf.narrow(d, first, k * s))
+                     .unflatten(d, (k, s))
+                     for leaf, d in zip(leaves, dims, strict=True) if d is not None]
+            bufs = [plan.buffers[key].unsqueeze(0).expand(k, *plan.buffers[key].shape)
+                    for key in buffer_keys]
+            return [index, *bufs, *shard]
 
-        def per_replica(fn: Callable[[Any], Any]) -> Callable[..., Any]:
-            def run(*tensors: torch.Tensor) -> Any:
-                it = iter(tensors)
+        comm = None if len(groups) == 1 else _GroupsCannotCommunicate(plan.layout)
+
+        def per_replica(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def run(index: torch.Tensor, *tensors: torch.Tensor) -> Any:
+                bufs = dict(zip(buffer_keys, tensors[:len(buffer_keys)], strict=True))
+                it = iter(tensors[len(buffer_keys):])
                 shard = [next(it) if d is not None else leaf
                          for leaf, d in zip(leaves, dims, strict=True)]
-                return fn(_tree.unflatten(shard, treedef))
+                frame = AxisFrame(plan.axis_name, self.size, index, comm=comm)
+                with bind_axis(frame):
+                    return fn(_tree.unflatten(shard, treedef), bufs)
             return run
 
-        in_dims = tuple(d for d in dims if d is not None)
+        in_dims = (0,) * (1 + len(buffer_keys)) + tuple(d for d in dims if d is not None)
         if plan.strategy == "weighted":
             total = _weighted_total(plan, groups, group_inputs, per_replica, in_dims)
         else:
             total = _gathered_total(plan, batch, groups, group_inputs, per_replica, in_dims)
         if _plain_autograd_ok(params):
-            return _autograd_value_and_grad(total, params, plan.has_aux)
-        if plan.has_aux:
-            grads, (loss, aux) = grad_and_value(total, has_aux=True)(params)
-            return (loss, aux), grads
-        grads, loss = grad_and_value(lambda p: total(p)[0])(params)
-        return loss, grads
+            loss, (aux, stacked), grads = _autograd_value_and_grad(total, params)
+        else:
+            grads, (loss, (aux, stacked)) = grad_and_value(total, has_aux=True)(params)
+        out = (loss, aux) if plan.has_aux else loss
+        if plan.buffer_policy is None:
+            return out, grads
+        counts = [s for s in plan.layout.sizes if s > 0]
+        return (out, reduce_buffers(stacked, counts, plan.buffer_policy)), grads
+
+
+def _replica_of(layout: Layout, first_row: int) -> int:
+    """The first replica with rows whose shard starts at ``first_row``."""
+    return next(i for i, (off, s) in enumerate(zip(layout.offsets, layout.sizes, strict=True))
+                if off == first_row and s > 0)
+
+
+class _GroupsCannotCommunicate:
+    """The communicator of a fused step whose replicas run as separate vmapped groups."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+
+    def _fail(self, *_: Any) -> torch.Tensor:
+        raise ValueError(
+            f"collectives inside value_and_grad's loss_fn on the vmap backend need every "
+            f"replica to hold the same number of rows, but the batch of {self.layout.total} "
+            f"splits into {self.layout.sizes}; use a batch size divisible by the mesh size, "
+            f"or a threads mesh (fdp.Mesh(devices=[...]))"
+        )
+
+    index = all_reduce = all_gather = broadcast = all_reduce_many = _fail
 
 
 def _plain_autograd_ok(params: dict) -> bool:
@@ -124,18 +169,16 @@ def _plain_autograd_ok(params: dict) -> bool:
     )
 
 
-def _autograd_value_and_grad(total: Callable, params: dict, has_aux: bool) -> tuple[Any, dict]:
+def _autograd_value_and_grad(total: Callable, params: dict) -> tuple[Any, Any, dict]:
     leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-    loss, aux = total(leaves)
+    loss, extras = total(leaves)
     grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()),
                                                  allow_unused=True), strict=True))
     for k, g in grads.items():
         if g is None:  # a parameter the loss does not use (torch.func.grad gives zeros too)
             grads[k] = torch.zeros_like(params[k])
-    if not has_aux:
-        return loss.detach(), grads
-    aux = _tree.map_with_path(lambda _, x: x.detach() if _is_tensor(x) else x, aux)
-    return (loss.detach(), aux), grads
+    extras = _tree.map_with_path(lambda _, x: x.detach() if _is_tensor(x) else x, extras)
+    return loss.detach(), extras, grads
 
 
 def _is_tensor(x: Any) -> bool:
@@ -146,17 +189,21 @@ def _weighted_total(plan, groups, group_inputs, per_replica, in_dims):
     batch_size = plan.layout.total
 
     def total(params: dict) -> tuple[torch.Tensor, Any]:
-        acc, auxes = None, []
+        acc, auxes, buffers = None, [], []
         for first, k, s in groups:
-            fn = per_replica(lambda shard: plan.call_loss(params, shard))
-            out = vmap(fn, in_dims=in_dims, randomness=plan.randomness)(
+            # vmap outputs must be tensors: absent parts travel as empty dicts
+            fn = per_replica(lambda shard, bufs: tuple(
+                {} if x is None else x for x in plan.call_loss(params, shard, bufs)))
+            losses, aux, new_buffers = vmap(fn, in_dims=in_dims, randomness=plan.randomness)(
                 *group_inputs(first, k, s))
-            losses, aux = out if plan.has_aux else (out, None)
             weight = s / batch_size if plan.reduction == "mean" else 1.0
             term = losses.sum() * weight
             acc = term if acc is None else acc + term
             auxes.append(aux)
-        return acc, (_concat_aux(auxes) if plan.has_aux else None)
+            buffers.append(new_buffers)
+        aux = _concat_aux(auxes) if plan.has_aux else {}
+        stacked = _tree_cat(buffers, 0) if plan.buffer_policy is not None else {}
+        return acc, (aux, stacked)
 
     return total
 
@@ -165,15 +212,15 @@ def _gathered_total(plan, batch, groups, group_inputs, per_replica, in_dims):
     def total(params: dict) -> tuple[torch.Tensor, Any]:
         parts = []
         for first, k, s in groups:
-            fn = per_replica(lambda shard: plan.call_forward(params, shard))
+            fn = per_replica(lambda shard, _: plan.call_forward(params, shard))
             out = vmap(fn, in_dims=in_dims, randomness=plan.randomness)(
                 *group_inputs(first, k, s))
             parts.append(_tree.map_with_path(
                 lambda path, x, s=s: _merge_replicas(path, x, plan.out_dim, s), out, root="out"))
         outputs = _tree_cat(parts, plan.out_dim)
         result = plan.call_criterion(outputs, batch)
-        loss, aux = result if plan.has_aux else (result, None)
-        return loss, aux
+        loss, aux = result if plan.has_aux else (result, {})
+        return loss, (aux, {})
 
     return total
 
