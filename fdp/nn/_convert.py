@@ -126,27 +126,33 @@ def convert_sync_batchnorm(module: nn.Module, axis_name: str = "dp") -> nn.Modul
     if not isinstance(axis_name, str) or not axis_name:
         raise TypeError(f"convert_sync_batchnorm: axis_name must be a non-empty str, got "
                         f"{axis_name!r}")
-    return _convert(copy.deepcopy(module), axis_name, "module")
+    for name, sub in module.named_modules(prefix="module"):
+        if isinstance(sub, _BatchNorm) and _uninitialized(sub):
+            raise ValueError(
+                f"convert_sync_batchnorm: {name} is a {type(sub).__name__} whose parameters "
+                f"are not initialized yet; run one forward pass before converting"
+            )
+    return _convert(copy.deepcopy(module), axis_name)
 
 
-def _convert(module: nn.Module, axis_name: str, path: str) -> nn.Module:
+def _uninitialized(module: nn.Module) -> bool:
+    return any(isinstance(t, nn.parameter.UninitializedTensorMixin)
+               for t in [*module.parameters(), *module.buffers()])
+
+
+def _convert(module: nn.Module, axis_name: str) -> nn.Module:
     """Replaces BatchNorm layers in ``module`` (a private copy) and returns it."""
     if isinstance(module, _BatchNorm):
-        return _sync_layer(module, axis_name, path)
+        return _sync_layer(module, axis_name)
     for name, child in module.named_children():
-        new = _convert(child, axis_name, f"{path}.{name}")
+        new = _convert(child, axis_name)
         if new is not child:
             setattr(module, name, new)
     return module
 
 
-def _sync_layer(bn: _BatchNorm, axis_name: str, path: str) -> SyncBatchNorm:
+def _sync_layer(bn: _BatchNorm, axis_name: str) -> SyncBatchNorm:
     """A SyncBatchNorm that takes over ``bn``'s configuration and (copied) tensors."""
-    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in bn.parameters()):
-        raise ValueError(
-            f"convert_sync_batchnorm: {path} is a {type(bn).__name__} whose parameters are not "
-            f"initialized yet; run one forward pass before converting"
-        )
     out = SyncBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine,
                         bn.track_running_stats, axis_name, device="meta",
                         bias=bn.bias is not None)

@@ -214,24 +214,36 @@ def _batch_stats(x: torch.Tensor, mask: torch.Tensor | None,
     """Mean, biased variance and value count per channel over all replicas' real rows."""
     dims = [0, *range(2, x.dim())]
     spatial = math.prod(x.shape[2:])
+    rows = None if mask is None else mask.reshape(-1, *([1] * (x.dim() - 1)))
 
-    def total(value: Any) -> Any:
-        return value if frame is None else psum(value, frame.name)
+    def masked_sum(value: torch.Tensor) -> torch.Tensor:
+        # where, not a product with the mask: padding rows must not reach sums or gradients
+        return (value if rows is None else torch.where(rows, value, 0)).sum(dims)
 
-    if mask is None:
-        count: Any = x.shape[0] * spatial * (1 if frame is None else frame.size)
-        _check_count(count, x, channels)
-        mean = total(x.sum(dims)) / count
-        centered = x - _per_channel(mean, x)
-        return mean, total((centered * centered).sum(dims)) / count, count
-    rows = mask.reshape(-1, *([1] * (x.dim() - 1)))
-    count = total(mask.sum() * spatial)
-    _check_count(count, x, channels)
-    # where, not a product with the mask: padding rows must not reach the sums or their grads
-    mean = total(torch.where(rows, x, 0).sum(dims)) / count
+    if frame is None:
+        count: Any = x.shape[0] * spatial if mask is None else mask.sum() * spatial
+        sums = masked_sum(x)
+    else:
+        sums, count = psum((masked_sum(x), _local_count(x, mask, spatial, frame)), frame.name)
+    # Without a mask the count is known from the shapes: checked without a device sync.
+    static = None if mask is not None else x.shape[0] * spatial * (frame.size if frame else 1)
+    _check_count(count if static is None else static, x, channels)
+    mean = sums / count
     centered = x - _per_channel(mean, x)
-    var = total(torch.where(rows, centered * centered, 0).sum(dims)) / count
-    return mean, var, count
+    var = masked_sum(centered * centered)
+    return mean, (var if frame is None else psum(var, frame.name)) / count, count
+
+
+def _local_count(x: torch.Tensor, mask: torch.Tensor | None, spatial: int,
+                 frame: _collectives.AxisFrame) -> torch.Tensor:
+    """This replica's number of values per channel, an int64 tensor.
+
+    Built like ``frame.index`` (one value per replica), so that ``psum`` adds the counts of the
+    replicas that actually run, rather than multiplying one count by the axis size.
+    """
+    if mask is not None:
+        return mask.sum() * spatial
+    return torch.full_like(frame.index, x.shape[0] * spatial)
 
 
 def _check_count(count: Any, x: torch.Tensor, channels: int) -> None:
