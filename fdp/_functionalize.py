@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
@@ -52,7 +55,7 @@ def functionalize(module: nn.Module) -> Model:
     buffers = {k: v.detach() for k, v in module.named_buffers()}
     param_shapes = {k: v.shape for k, v in params.items()}
     buffer_shapes = {k: v.shape for k, v in buffers.items()}
-    slots = _slots(module)
+    instances = _Instances(module)
 
     def apply(params: Params, buffers: Params, *args: Any, **kwargs: Any) -> tuple[Any, Params]:
         _check_state(params, param_shapes, "params")
@@ -63,10 +66,43 @@ def functionalize(module: nn.Module) -> Model:
             out = functional_call(module, (params, new_buffers), args, kwargs,
                                   tie_weights=True, strict=True)
         else:
-            out = _call_with(module, slots, params, new_buffers, args, kwargs)
+            with instances.borrow() as (mod, slots):
+                out = _call_with(mod, slots, params, new_buffers, args, kwargs)
         return out, new_buffers
 
     return Model(apply, params, buffers)
+
+
+class _Instances:
+    """Copies of the module's structure (sharing its tensors), one per concurrent ``apply``.
+
+    ``apply`` swaps tensors into module attributes for the duration of a call, so two threads
+    (the threads backend runs one replica per thread) must not use the same module object.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.free = [(module, _slots(module))]
+        self.lock = threading.Lock()
+
+    @contextmanager
+    def borrow(self) -> Iterator[tuple[nn.Module, list]]:
+        with self.lock:
+            instance = self.free.pop() if self.free else None
+        if instance is None:
+            instance = self._copy()
+        try:
+            yield instance
+        finally:
+            with self.lock:
+                self.free.append(instance)
+
+    def _copy(self) -> tuple[nn.Module, list]:
+        tensors = [*self.module.named_parameters(remove_duplicate=False),
+                   *self.module.named_buffers(remove_duplicate=False)]
+        shared = {id(t): t for _, t in tensors}
+        clone = copy.deepcopy(self.module, memo=dict(shared))
+        return clone, _slots(clone)
 
 
 _Slot = tuple[nn.Module, str, str, str]  # (owner, "_parameters" | "_buffers", attribute, key)

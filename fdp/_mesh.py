@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,7 +26,10 @@ class Mesh:
         n: number of replicas (an int ≥ 1).
         axis_name: the name collectives use to address this axis inside :func:`fdp.pmap`.
         device: the device of the vmap backend (default: CPU).
-        devices: one replica per listed device (the threads backend; not available yet).
+        devices: one replica per listed device, each run by its own thread (the *threads*
+            backend), e.g. ``["cuda:0", "cuda:1"]`` or ``["cpu"] * 3``.
+        timeout: threads backend: seconds a replica may take (and wait in a collective)
+            before the step fails with ``TimeoutError`` instead of hanging.
 
     Example:
         >>> mesh = Mesh(4)
@@ -43,30 +46,56 @@ class Mesh:
         axis_name: str = DEFAULT_AXIS_NAME,
         device: torch.device | str | None = None,
         devices: Sequence[torch.device | str] | None = None,
+        timeout: float = 300.0,
     ) -> None:
         if not isinstance(axis_name, str) or not axis_name:
             raise TypeError(f"Mesh: axis_name must be a non-empty str, got {axis_name!r}")
+        self._axis_name = axis_name
         if devices is not None:
-            devices = list(devices)
-            if not devices:
-                raise ValueError("Mesh: devices is empty; list at least one device")
-            raise NotImplementedError(
-                "Mesh(devices=...) (one replica per device, the threads backend) is not "
-                "available yet; use Mesh(n) for n virtual replicas on one device"
-            )
+            self._init_threads(n, device, devices, timeout)
+            return
         if n is None:
-            raise TypeError("Mesh: give the number of replicas, e.g. Mesh(4)")
-        if isinstance(n, bool) or not isinstance(n, int):
-            raise TypeError(f"Mesh: n must be an int, got {type(n).__name__}")
-        if n <= 0:
-            raise ValueError(f"Mesh: n must be ≥ 1 replicas, got n={n}")
+            raise TypeError("Mesh: give the number of replicas, e.g. Mesh(4), or "
+                            "devices=[...] for one replica per device")
+        _check_size(n)
         dev = torch.device(device) if device is not None else torch.device("cpu")
         from fdp.backends.vmap import VmapBackend
 
         self._size = n
-        self._axis_name = axis_name
         self._devices = (dev,) * n
         self._backend: Backend = VmapBackend(n, dev)
+
+    def _init_threads(self, n: int | None, device: Any, devices: Sequence[Any],
+                      timeout: float) -> None:
+        if isinstance(devices, (str, torch.device)):
+            raise TypeError(f"Mesh: devices must be a list of devices, got {devices!r}; "
+                            f"e.g. devices=['cuda:0', 'cuda:1'] or ['cpu'] * 3")
+        devs = tuple(torch.device(d) for d in devices)
+        if not devs:
+            raise ValueError("Mesh: devices is empty; list at least one device")
+        if device is not None:
+            raise ValueError("Mesh: give either device (n virtual replicas on one device) or "
+                             "devices (one replica per device), not both")
+        if n is not None and n != len(devs):
+            raise ValueError(f"Mesh: n={n} but {len(devs)} devices were listed; drop n")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ValueError(f"Mesh: timeout must be a positive number of seconds, got "
+                             f"{timeout!r}")
+        from fdp.backends.threads import ThreadsBackend
+
+        self._size = len(devs)
+        self._devices = devs
+        self._backend = ThreadsBackend(devs, float(timeout))
+
+    @classmethod
+    def from_backend(cls, backend: Backend, axis_name: str = DEFAULT_AXIS_NAME) -> Mesh:
+        """A mesh over an already built backend (used by :meth:`distributed`)."""
+        mesh = cls.__new__(cls)
+        mesh._axis_name = axis_name
+        mesh._size = backend.size
+        mesh._devices = tuple(backend.devices)
+        mesh._backend = backend
+        return mesh
 
     @property
     def size(self) -> int:
@@ -94,7 +123,9 @@ class Mesh:
         return self._backend
 
     def _key(self) -> tuple:
-        return (self._size, self._axis_name, self.backend, self._devices)
+        if self.backend == "vmap":
+            return (self._size, self._axis_name, self.backend, self._devices)
+        return (self._axis_name, id(self._backend))  # a backend owns threads or a group
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Mesh) and self._key() == other._key()
@@ -103,7 +134,14 @@ class Mesh:
         return hash(self._key())
 
     def __repr__(self) -> str:
-        return (
-            f"Mesh(size={self._size}, axis_name={self._axis_name!r}, "
-            f"backend={self.backend!r}, device={str(self._devices[0])!r})"
-        )
+        where = (f"device={str(self._devices[0])!r}" if self.backend == "vmap"
+                 else f"devices={[str(d) for d in self._devices]!r}")
+        return (f"Mesh(size={self._size}, axis_name={self._axis_name!r}, "
+                f"backend={self.backend!r}, {where})")
+
+
+def _check_size(n: Any) -> None:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"Mesh: n must be an int, got {type(n).__name__}")
+    if n <= 0:
+        raise ValueError(f"Mesh: n must be ≥ 1 replicas, got n={n}")

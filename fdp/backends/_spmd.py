@@ -1,0 +1,312 @@
+"""What the threads and distributed backends share: replicas that run concurrently and talk
+through a :class:`~fdp.backends._comm.Communicator`.
+
+A subclass says where replicas live (``devices``), which of them this process runs
+(``local_replicas``) and how to run them (``run_replicas``). Everything else — ``pmap``'s
+``map``, and the data-parallel ``value_and_grad`` — is written once here against that.
+
+``value_and_grad`` differentiates *inside* each replica with tape autograd and reduces the
+gradients with one bucketed all-reduce, as DDP does; each replica only ever sees its own rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from fdp import _tree
+from fdp._collectives import AxisFrame, bind_axis
+from fdp.backends._base import Backend
+from fdp.backends._comm import Communicator
+
+
+class SpmdBackend(Backend):
+    """Base of the backends whose replicas are threads or processes."""
+
+    devices: tuple[torch.device, ...]  # one per replica (all replicas, not only local ones)
+
+    @property
+    @abstractmethod
+    def local_replicas(self) -> tuple[int, ...]:
+        """Indices of the replicas this process runs."""
+
+    @abstractmethod
+    def run_replicas(self, fn: Callable[[int], Any]) -> list[Any]:
+        """``[fn(r) for r in local_replicas]``, each replica concurrently where it applies.
+
+        Inside ``fn``, ``self.comm().index()`` is ``r``. An exception in a replica is re-raised
+        here naming the replica and its device; no replica is left waiting.
+        """
+
+    @property
+    def local_size(self) -> int:
+        return len(self.local_replicas)
+
+    @property
+    def home(self) -> torch.device:
+        """Where this process keeps replicated values (a leading axis of local replicas)."""
+        return self.devices[self.local_replicas[0]]
+
+    def check_transforms(self, fn: str) -> None:
+        """torch.func transforms and torch.compile cannot follow replicas into other threads
+        or processes; refuse instead of returning numbers that miss the transform."""
+        if torch.compiler.is_compiling() or \
+                torch._C._functorch.peek_interpreter_stack() is not None:
+            raise RuntimeError(
+                f"{fn} on a {self.name} mesh cannot run under torch.func transforms or "
+                f"torch.compile: its replicas run in other threads/processes, which the "
+                f"transform does not reach. Call fdp.value_and_grad / fdp.data_parallel_step "
+                f"on this mesh (they differentiate inside each replica), or use fdp.Mesh(n)"
+            )
+
+    # --- pmap -------------------------------------------------------------------------------
+
+    def map(
+        self,
+        body: Callable[..., Sequence[torch.Tensor]],
+        mapped: Sequence[torch.Tensor],
+        in_dims: Sequence[int],
+        randomness: str = "error",
+    ) -> list[torch.Tensor]:
+        self.check_transforms("pmap")
+        local = {r: i for i, r in enumerate(self.local_replicas)}
+
+        def replica(r: int) -> list[torch.Tensor]:
+            dev = self.devices[r]
+            args = to_device([t.select(d, local[r]) for t, d in zip(mapped, in_dims,
+                                                                    strict=True)], dev)
+            return list(body(torch.tensor(r, device=dev), *args))
+
+        results = self.run_replicas(replica)
+        return [self._stack([res[j] for res in results], f"output {j}")
+                for j in range(len(results[0]))]
+
+    def _stack(self, values: list[torch.Tensor], what: str) -> torch.Tensor:
+        shapes = {tuple(v.shape) for v in values}
+        if len(shapes) > 1:
+            per = ", ".join(f"replica {r}: {tuple(v.shape)}"
+                            for r, v in zip(self.local_replicas, values, strict=True))
+            raise ValueError(f"pmap: {what} has a different shape on different replicas "
+                             f"({per}); every replica must return the same shapes")
+        return torch.stack([v.to(self.home) for v in values])
+
+    # --- value_and_grad ---------------------------------------------------------------------
+
+    def value_and_grad(self, plan: Any, params: dict, batch: Any) -> tuple[Any, dict]:
+        self.check_transforms("value_and_grad")
+        if any(p.requires_grad for p in params.values()):
+            raise ValueError(
+                f"value_and_grad on a {self.name} mesh differentiates inside each replica and "
+                f"cannot extend an outer autograd graph; pass detached params (or use "
+                f"fdp.Mesh(n) for higher-order gradients)"
+            )
+        step = _WeightedStep(self, plan, params, batch) if plan.strategy == "weighted" \
+            else _GatheredStep(self, plan, params, batch)
+        results = [r for r in self.run_replicas(step.replica) if r is not None]
+        return step.combine(results)
+
+
+def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Moves tensors to ``device`` with one copy per dtype (coalesced), keeping autograd."""
+    moving = [i for i, t in enumerate(tensors) if t.device != device]
+    if not moving:
+        return list(tensors)
+    out = list(tensors)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i in moving:
+        by_dtype.setdefault(tensors[i].dtype, []).append(i)
+    for idx in by_dtype.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in idx]).to(device)
+        for i, part in zip(idx, flat.split([tensors[i].numel() for i in idx]), strict=True):
+            out[i] = part.view(tensors[i].shape)
+    return out
+
+
+class _ReplicaStep:
+    """One data-parallel gradient computation, split into the part every replica runs."""
+
+    def __init__(self, backend: SpmdBackend, plan: Any, params: dict, batch: Any) -> None:
+        self.backend, self.plan, self.params = backend, plan, params
+        self.leaves, self.treedef = _tree.flatten(batch)
+        self.dims = [plan.layout.dim % x.dim() if isinstance(x, torch.Tensor) else None
+                     for x in self.leaves]
+
+    def setup(self, r: int) -> tuple[torch.device, dict, Communicator, AxisFrame]:
+        dev = self.backend.devices[r]
+        keys = list(self.params)
+        moved = to_device([self.params[k].detach() for k in keys], dev)
+        params = {k: v.detach().requires_grad_() for k, v in zip(keys, moved, strict=True)}
+        comm = self.backend.comm()
+        frame = AxisFrame(self.plan.axis_name, self.backend.size,
+                          torch.tensor(r, device=dev), comm=comm)
+        return dev, params, comm, frame
+
+    def shard(self, r: int, dev: torch.device, rows: torch.Tensor | None = None) -> Any:
+        off, n = self.plan.layout.offsets[r], self.plan.layout.sizes[r]
+        parts = []
+        for leaf, d in zip(self.leaves, self.dims, strict=True):
+            if d is None:
+                parts.append(leaf)
+            elif rows is not None:
+                parts.append(leaf.index_select(d, rows.to(leaf.device)))
+            else:
+                parts.append(leaf.narrow(d, off, n))
+        tensors = [p for p in parts if isinstance(p, torch.Tensor)]
+        moved = iter(to_device(tensors, dev))
+        parts = [next(moved) if isinstance(p, torch.Tensor) else p for p in parts]
+        return _tree.unflatten(parts, self.treedef)
+
+    def args_on(self, dev: torch.device) -> tuple:
+        leaves = _tree.flatten(self.plan.args)[0]
+        if all(x.device == dev for x in leaves if isinstance(x, torch.Tensor)):
+            return self.plan.args
+        return tuple(_tree.map_with_path(
+            lambda _, x: x.to(dev) if isinstance(x, torch.Tensor) else x, a)
+            for a in self.plan.args)
+
+    def reduce_grads(self, comm: Communicator, params: dict, grads: Sequence,
+                     loss: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        grads = [torch.zeros_like(p) if g is None else g
+                 for p, g in zip(params.values(), grads, strict=True)]
+        loss, *grads = comm.all_reduce_many([loss.detach(), *grads], "sum")
+        return loss, dict(zip(params, grads, strict=True))
+
+
+class _WeightedStep(_ReplicaStep):
+    """Each replica's loss weighted by its rows; gradients summed over replicas."""
+
+    def replica(self, r: int) -> Any:
+        plan = self.plan
+        dev, params, comm, frame = self.setup(r)
+        rows = plan.layout.sizes[r]
+        buffers = None
+        if plan.buffer_policy is not None:
+            keys = list(plan.buffers)
+            buffers = dict(zip(keys, to_device([plan.buffers[k] for k in keys], dev),
+                               strict=True))
+        # A replica without rows still runs when its layers may talk to the others (SyncBN).
+        aux, new_buffers = None, buffers
+        if rows > 0 or plan.buffer_policy == "sync":
+            with bind_axis(frame):
+                loss, aux, new_buffers = _call_loss(plan, params, self.shard(r, dev), buffers,
+                                                    self.args_on(dev))
+            weight = rows / plan.layout.total if plan.reduction == "mean" else 1.0
+            term = loss * weight if rows > 0 else torch.nan_to_num(loss) * 0.0
+            grads = torch.autograd.grad(term, list(params.values()), allow_unused=True)
+        else:
+            term, grads = torch.zeros((), device=dev), [None] * len(params)
+        loss, grads = self.reduce_grads(comm, params, grads, term)
+        if plan.buffer_policy is not None:
+            new_buffers = _reduce_buffers(comm, new_buffers, plan)
+        return loss, grads, (aux if rows > 0 else None), new_buffers
+
+    def combine(self, results: list) -> tuple[Any, dict]:
+        plan, home = self.plan, self.backend.home
+        loss, grads, _, new_buffers = results[0]
+        grads = {k: v.to(home) for k, v in grads.items()}
+        out = loss.to(home)
+        if plan.has_aux:
+            out = (out, _stack_tree([res[2] for res in results if res[2] is not None], home))
+        if plan.buffer_policy is None:
+            return out, grads
+        return (out, {k: v.to(home) for k, v in new_buffers.items()}), grads
+
+
+def _reduce_buffers(comm: Communicator, buffers: dict, plan: Any) -> dict:
+    """The buffer policy as collectives: every replica ends with the kept values."""
+    sizes = plan.layout.sizes
+    first = next(i for i, s in enumerate(sizes) if s > 0)
+    keys = list(buffers)
+    if plan.buffer_policy == "replica0":
+        return {k: comm.broadcast(buffers[k], first) for k in keys}
+    if plan.buffer_policy == "sync":
+        highs = comm.all_reduce_many([buffers[k] for k in keys], "max")
+        lows = comm.all_reduce_many([buffers[k] for k in keys], "min")
+        for k, hi, lo in zip(keys, highs, lows, strict=True):
+            if not torch.equal(hi, lo):
+                raise ValueError(
+                    f"value_and_grad: buffer_policy='sync' but buffer {k!r} differs across "
+                    f"replicas: its layer computes per-replica statistics. Convert the model's "
+                    f"BatchNorm layers with fdp.nn.convert_sync_batchnorm(module), or use "
+                    f"buffer_policy='replica0' or 'mean'"
+                )
+        return {k: buffers[k] for k in keys}
+    weight = sizes[comm.index()] / plan.layout.total
+    floats = [k for k in keys if buffers[k].is_floating_point()]
+    summed = comm.all_reduce_many([buffers[k] * weight for k in floats], "sum")
+    out = {k: comm.broadcast(buffers[k], first) for k in keys if k not in floats}
+    out.update(zip(floats, summed, strict=True))
+    return {k: out[k] for k in keys}
+
+
+class _GatheredStep(_ReplicaStep):
+    """Forward per replica on padded shards, outputs all-gathered, one criterion everywhere."""
+
+    def replica(self, r: int) -> Any:
+        plan, layout = self.plan, self.plan.layout
+        dev, params, comm, frame = self.setup(r)
+        rows = layout.padded_index()[r * layout.max_size:(r + 1) * layout.max_size]
+        mask = (torch.arange(layout.max_size) < layout.sizes[r]).to(dev)
+        frame = AxisFrame(frame.name, frame.size, frame.index, comm=comm, mask=mask)
+        with bind_axis(frame):
+            outputs = plan.call_forward(params, self.shard(r, dev, rows))
+            gathered = _tree.map_with_path(
+                lambda path, x: _gather_rows(x, frame, plan.out_dim, layout, path), outputs,
+                root="out")
+            result = plan.call_criterion(gathered, self.shard_all(dev))
+        loss, aux = result if plan.has_aux else (result, None)
+        grads = torch.autograd.grad(loss / self.backend.size, list(params.values()),
+                                    allow_unused=True)
+        _, grads = self.reduce_grads(comm, params, grads, loss)
+        return loss.detach(), grads, aux
+
+    def shard_all(self, dev: torch.device) -> Any:
+        tensors = [x for x in self.leaves if isinstance(x, torch.Tensor)]
+        moved = iter(to_device(tensors, dev))
+        return _tree.unflatten([next(moved) if isinstance(x, torch.Tensor) else x
+                                for x in self.leaves], self.treedef)
+
+    def combine(self, results: list) -> tuple[Any, dict]:
+        home = self.backend.home
+        loss, grads, aux = results[0]
+        grads = {k: v.to(home) for k, v in grads.items()}
+        if self.plan.has_aux:
+            aux = _tree.map_with_path(
+                lambda _, x: x.detach().to(home) if isinstance(x, torch.Tensor) else x, aux)
+            return (loss.to(home), aux), grads
+        return loss.to(home), grads
+
+
+def _call_loss(plan: Any, params: dict, shard: Any, buffers: Any, args: tuple) -> tuple:
+    if args is not plan.args:
+        plan = dataclasses.replace(plan, args=args)
+    return plan.call_loss(params, shard, buffers)
+
+
+def _gather_rows(x: Any, frame: AxisFrame, dim: int, layout: Any, path: str) -> torch.Tensor:
+    from fdp._collectives import all_gather
+
+    if not isinstance(x, torch.Tensor) or not -x.dim() <= dim < x.dim() \
+            or x.shape[dim] != layout.max_size:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(
+            f"value_and_grad: forward returned {shape} at {path} for a shard of "
+            f"{layout.max_size} rows; with strategy='gather' it must return per-example "
+            f"outputs (tensors with the rows at dim={dim})"
+        )
+    d = dim % x.dim()
+    everything = all_gather(x, frame.name, axis=d, tiled=True)
+    return everything.index_select(d, layout.real_index(x.device))
+
+
+def _stack_tree(trees: list[Any], device: torch.device) -> Any:
+    if not trees:
+        return {}
+    flats = [_tree.flatten(t) for t in trees]
+    cols = zip(*(f[0] for f in flats), strict=True)
+    return _tree.unflatten([torch.stack([c.detach().to(device) for c in col]) for col in cols],
+                           flats[0][1])
