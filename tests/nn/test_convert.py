@@ -158,7 +158,7 @@ def test_conversion_of_a_cnn_under_pmap():
 
 @pytest.mark.parametrize("value", [None, "net", [nn.BatchNorm1d(2)], nn.BatchNorm1d])
 def test_non_module_raises(value):
-    with pytest.raises(TypeError, match="module must be a torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"module must be a torch\.nn\.Module"):
         fdp.nn.convert_sync_batchnorm(value)
 
 

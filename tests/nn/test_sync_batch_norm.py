@@ -277,3 +277,31 @@ def test_scatter_mask_that_does_not_fit_x_raises():
                                                   None).out, mesh)
     with pytest.raises(ValueError, match=r"the row mask of the uneven fdp\.scatter.*pass mask="):
         f(fdp.scatter(torch.randn(5, 2, C), mesh))
+
+
+# --- transforms and axis names ------------------------------------------------------------------
+
+def test_torch_func_grad_through_pmap_equals_autograd():
+    """torch.func.grad of the whole DP computation (uneven split): the single-device grads."""
+    mesh, x = fdp.Mesh(3), torch.randn(7, C, 2, dtype=torch.float64)
+    w, cot = torch.rand(C, dtype=torch.float64) + 0.5, torch.randn(7, C, 2, dtype=torch.float64)
+
+    def dp_loss(w, x):
+        res = fdp.pmap(lambda x: fdp.nn.sync_batch_norm(x, None, None, w, None).out, mesh)(
+            fdp.scatter(x, mesh, split=[4, 0, 3]))
+        return (fdp.gather(res, mesh) * cot).sum()
+
+    def loss(w, x):
+        return (F.batch_norm(x, None, None, w, None, training=True) * cot).sum()
+
+    assert_close(torch.func.grad(dp_loss, argnums=(0, 1))(w, x),
+                 torch.func.grad(loss, argnums=(0, 1))(w, x), F64_REL)
+
+
+def test_custom_axis_name():
+    mesh, x = fdp.Mesh(2), torch.randn(6, C, dtype=torch.float64)
+    synced = fdp.pmap(lambda x: fdp.nn.sync_batch_norm(x, None, None, None, None,
+                                                       axis_name="batch").out,
+                      mesh, axis_name="batch")
+    out = fdp.gather(synced(fdp.scatter(x, mesh)), mesh)
+    assert_close(out, F.batch_norm(x, None, None, training=True), F64_REL)
