@@ -38,7 +38,9 @@ class AxisFrame:
     ``comm`` is ``None`` on the vmap backend (collectives are vmap rules); the threads and
     distributed backends give a :class:`fdp.backends._comm.Communicator` that moves data between
     replicas. ``mask`` marks this replica's real rows when the mapped batch was padded (an
-    uneven :func:`fdp.scatter`), else ``None``.
+    uneven :func:`fdp.scatter`), else ``None``. ``offset`` is the position of this replica's
+    first row in the full batch (an int64 scalar tensor) when the batch was split by fdp, so
+    that per-row randomness can follow the example rather than the replica.
     """
 
     name: str
@@ -46,6 +48,7 @@ class AxisFrame:
     index: torch.Tensor
     comm: Any = None
     mask: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
 
 
 _state = threading.local()
@@ -337,6 +340,11 @@ def axis_index(axis_name: str) -> torch.Tensor:
 def row_mask(axis_name: str) -> torch.Tensor | None:
     """This replica's real-row mask (bool, one entry per padded row) or ``None`` if unpadded."""
     return lookup(axis_name, "row_mask").mask
+
+
+def row_offset(axis_name: str) -> torch.Tensor | None:
+    """Index of this replica's first row in the full batch, or ``None`` if not split by fdp."""
+    return lookup(axis_name, "row_offset").offset
 
 
 def axis_size(axis_name: str) -> int:

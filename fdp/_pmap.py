@@ -299,19 +299,27 @@ def _run(fn, mesh, name, out_axes, treedef, flat, flat_axes, kwargs, layouts, ra
                   if a is not None and isinstance(x, torch.Tensor)]
     in_dims = [flat_axes[i] % flat[i].dim() for i in mapped_pos]
     mapped = [flat[i] for i in mapped_pos]
+    n_mapped = len(mapped)
+    if layouts:  # the row offsets (and the mask of a padded split) ride along as mapped inputs
+        offsets = torch.tensor(layouts[0].offsets, device=mesh.devices[0])
+        mapped.append(mesh.impl.local(offsets))
+        in_dims.append(0)
     padded = bool(layouts) and not layouts[0].even
-    if padded:  # the row mask rides along as one more mapped input
+    if padded:
         mapped.append(mesh.impl.local(layouts[0].mask(mesh.devices[0])))
         in_dims.append(0)
     out_info: dict[str, Any] = {}
 
     def body(index: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        mask = tensors[-1] if padded else None
+        extra = tensors[n_mapped:]
+        offset = extra[0] if layouts else None
+        mask = extra[1] if padded else None
         values = list(flat)
-        for i, t in zip(mapped_pos, tensors[:len(mapped_pos)], strict=True):
+        for i, t in zip(mapped_pos, tensors[:n_mapped], strict=True):
             values[i] = t
         args = _rebuild_args(values, treedef)
-        frame = AxisFrame(name, mesh.size, index, comm=mesh.impl.comm(), mask=mask)
+        frame = AxisFrame(name, mesh.size, index, comm=mesh.impl.comm(), mask=mask,
+                          offset=offset)
         with bind_axis(frame):
             out = fn(*args, **kwargs)
         out_leaves, out_def = _tree.flatten(out)

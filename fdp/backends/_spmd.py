@@ -141,8 +141,9 @@ class _ReplicaStep:
         moved = to_device([self.params[k].detach() for k in keys], dev)
         params = {k: v.detach().requires_grad_() for k, v in zip(keys, moved, strict=True)}
         comm = self.backend.comm()
+        offset = torch.tensor(self.plan.layout.offsets[r], device=dev)
         frame = AxisFrame(self.plan.axis_name, self.backend.size,
-                          torch.tensor(r, device=dev), comm=comm)
+                          torch.tensor(r, device=dev), comm=comm, offset=offset)
         return dev, params, comm, frame
 
     def shard(self, r: int, dev: torch.device, rows: torch.Tensor | None = None) -> Any:
@@ -251,7 +252,7 @@ class _GatheredStep(_ReplicaStep):
         dev, params, comm, frame = self.setup(r)
         rows = layout.padded_index()[r * layout.max_size:(r + 1) * layout.max_size]
         mask = (torch.arange(layout.max_size) < layout.sizes[r]).to(dev)
-        frame = AxisFrame(frame.name, frame.size, frame.index, comm=comm, mask=mask)
+        frame = dataclasses.replace(frame, mask=mask)
         with bind_axis(frame):
             outputs = plan.call_forward(params, self.shard(r, dev, rows))
             gathered = _tree.map_with_path(

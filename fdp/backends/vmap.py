@@ -101,22 +101,23 @@ class VmapBackend(Backend):
                      for leaf, d in zip(leaves, dims, strict=True) if d is not None]
             bufs = [plan.buffers[key].unsqueeze(0).expand(k, *plan.buffers[key].shape)
                     for key in buffer_keys]
-            return [index, *bufs, *shard]
+            offsets = first + s * torch.arange(k, device=self.device)
+            return [index, offsets, *bufs, *shard]
 
         comm = None if len(groups) == 1 else _GroupsCannotCommunicate(plan.layout)
 
         def per_replica(fn: Callable[..., Any]) -> Callable[..., Any]:
-            def run(index: torch.Tensor, *tensors: torch.Tensor) -> Any:
+            def run(index: torch.Tensor, offset: torch.Tensor, *tensors: torch.Tensor) -> Any:
                 bufs = dict(zip(buffer_keys, tensors[:len(buffer_keys)], strict=True))
                 it = iter(tensors[len(buffer_keys):])
                 shard = [next(it) if d is not None else leaf
                          for leaf, d in zip(leaves, dims, strict=True)]
-                frame = AxisFrame(plan.axis_name, self.size, index, comm=comm)
+                frame = AxisFrame(plan.axis_name, self.size, index, comm=comm, offset=offset)
                 with bind_axis(frame):
                     return fn(_tree.unflatten(shard, treedef), bufs)
             return run
 
-        in_dims = (0,) * (1 + len(buffer_keys)) + tuple(d for d in dims if d is not None)
+        in_dims = (0,) * (2 + len(buffer_keys)) + tuple(d for d in dims if d is not None)
         if plan.strategy == "weighted":
             total = _weighted_total(plan, groups, group_inputs, per_replica, in_dims)
         else:
