@@ -99,37 +99,54 @@ def sync_batch_norm(
     """
     channels = _check_inputs(x, running_mean, running_var, weight, bias, num_batches_tracked)
     _check_options(training, momentum, eps, axis_name)
-    tracked = running_mean is not None
     if not training:
-        if not tracked:
-            raise ValueError(
-                f"{_FN}: training=False normalizes with the running statistics, but "
-                f"running_mean and running_var are None; pass them, or use training=True"
-            )
-        xhat = (x - _per_channel(running_mean, x)) * torch.rsqrt(_per_channel(running_var, x)
-                                                                 + eps)
-        out = _affine(xhat, weight, bias)
-        return BatchNormResult(out, running_mean, running_var, num_batches_tracked)
+        return _with_running_stats(x, running_mean, running_var, weight, bias, eps,
+                                   num_batches_tracked)
+    tracked = running_mean is not None
     if tracked and momentum is None and num_batches_tracked is None:
         raise ValueError(
             f"{_FN}: momentum=None (cumulative moving average) needs num_batches_tracked; "
             f"pass it (e.g. torch.tensor(0)) or give a float momentum"
         )
     frame = _frame(axis_name)
-    row_mask = _row_mask(mask, frame, x)
-    mean, var, count = _batch_stats(x, row_mask, frame, channels)
+    mean, var, count = _batch_stats(x, _row_mask(mask, frame, x), frame, channels)
     out = _affine((x - _per_channel(mean, x)) * torch.rsqrt(_per_channel(var, x) + eps),
                   weight, bias)
     if not tracked:
         return BatchNormResult(out, None, None, num_batches_tracked)
+    return BatchNormResult(out, *_update_running(running_mean, running_var, mean, var, count,
+                                                 momentum, num_batches_tracked))
+
+
+def _with_running_stats(x: torch.Tensor, running_mean: torch.Tensor | None,
+                        running_var: torch.Tensor | None, weight: torch.Tensor | None,
+                        bias: torch.Tensor | None, eps: float,
+                        num_batches_tracked: torch.Tensor | None) -> BatchNormResult:
+    """Eval mode: normalize with the running statistics; no collective, nothing updated."""
+    if running_mean is None or running_var is None:
+        raise ValueError(
+            f"{_FN}: training=False normalizes with the running statistics, but "
+            f"running_mean and running_var are None; pass them, or use training=True"
+        )
+    rstd = torch.rsqrt(_per_channel(running_var, x) + eps)
+    out = _affine((x - _per_channel(running_mean, x)) * rstd, weight, bias)
+    return BatchNormResult(out, running_mean, running_var, num_batches_tracked)
+
+
+def _update_running(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
+                    var: torch.Tensor, count: Any, momentum: float | None,
+                    num_batches_tracked: torch.Tensor | None) -> tuple:
+    """New running mean, unbiased running variance and batch counter, as torch's _BatchNorm."""
     new_count = None if num_batches_tracked is None else num_batches_tracked + 1
-    factor: Any = momentum if momentum is not None else 1.0 / new_count.to(running_mean.dtype)
-    if isinstance(count, torch.Tensor):  # an int64 count of masked rows
+    factor: Any = momentum
+    if momentum is None:  # cumulative moving average
+        factor = 1.0 / new_count.to(running_mean.dtype)
+    if isinstance(count, torch.Tensor):  # an int64 count (summed over replicas or masked)
         count = count.to(var.dtype)
     unbiased = var.detach() * (count / (count - 1))
     new_mean = (1 - factor) * running_mean + factor * mean.detach().to(running_mean.dtype)
     new_var = (1 - factor) * running_var + factor * unbiased.to(running_var.dtype)
-    return BatchNormResult(out, new_mean, new_var, new_count)
+    return new_mean, new_var, new_count
 
 
 def _check_inputs(x: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any,
