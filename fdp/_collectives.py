@@ -49,6 +49,7 @@ class AxisFrame:
     comm: Any = None
     mask: torch.Tensor | None = None
     offset: torch.Tensor | None = None
+    tape: bool = False  # collectives may build one autograd graph across replica threads
 
 
 _state = threading.local()
@@ -189,6 +190,7 @@ class _CommAllReduce(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
         x, ctx.comm, ctx.op = inputs
+        ctx.comm = ctx.comm.pinned()  # backward may run in an autograd engine thread
         if ctx.op in ("max", "min"):
             ctx.save_for_backward(x, output)
             ctx.save_for_forward(x, output)
@@ -228,7 +230,8 @@ class _CommAllGather(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        _, ctx.comm, ctx.axis = inputs
+        _, comm, ctx.axis = inputs
+        ctx.comm = comm.pinned()
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple:
@@ -244,6 +247,19 @@ class _CommAllGather(torch.autograd.Function):
         if in_dims[0] is None:
             return _CommAllGather.apply(x, comm, axis), None
         return _CommAllGather.apply(x.movedim(in_dims[0], 0), comm, axis + 1), 0
+
+
+def _on_shared_tape(frame: AxisFrame, x: torch.Tensor) -> bool:
+    """Whether a collective should join the replicas' autograd graphs (threads backend).
+
+    A ``.backward()`` after a threads-backend ``pmap`` runs every replica's backward in one
+    engine thread, where a rendezvous of cotangents cannot happen; the collective's output is
+    then built from the other replicas' (tracked) inputs, so the graph itself spans replicas.
+    Inside ``torch.func`` transforms or ``value_and_grad`` each replica differentiates in its
+    own thread, and the collective's backward is a collective again.
+    """
+    return (frame.tape and x.requires_grad and torch.is_grad_enabled()
+            and torch._C._functorch.peek_interpreter_stack() is None)
 
 
 def _tree_collective(tree: Any, fn: str, leaf_op: Any) -> Any:
@@ -270,7 +286,10 @@ def _all_reduce(tree: Any, axis_name: str, op: str, fn: str) -> Any:
         if op == "mean" and not (x.is_floating_point() or x.is_complex()):
             raise TypeError(f"{fn}: needs a floating-point value, got {x.dtype}; cast it first")
         if frame.comm is not None:
-            return _CommAllReduce.apply(x.to(frame.index.device), frame.comm, op)
+            x = x.to(frame.index.device)
+            if _on_shared_tape(frame, x):
+                return frame.comm.tracked_all_reduce(x, op)
+            return _CommAllReduce.apply(x, frame.comm, op)
         return _AllReduce.apply(x, frame.index, op, frame.size)
 
     return _tree_collective(tree, fn, leaf_op)
@@ -323,7 +342,9 @@ def all_gather(x: Any, axis_name: str, axis: int = 0, tiled: bool = False) -> An
                 f"{' and tiled=True' if tiled else ''}"
             )
         ax = axis % rank
-        if frame.comm is not None:
+        if frame.comm is not None and _on_shared_tape(frame, v):
+            out = frame.comm.tracked_all_gather(v.to(frame.index.device)).movedim(0, ax)
+        elif frame.comm is not None:
             out = _CommAllGather.apply(v.to(frame.index.device), frame.comm, ax)
         else:
             out = _AllGather.apply(v, frame.index, ax, frame.size)

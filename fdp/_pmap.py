@@ -319,7 +319,7 @@ def _run(fn, mesh, name, out_axes, treedef, flat, flat_axes, kwargs, layouts, ra
             values[i] = t
         args = _rebuild_args(values, treedef)
         frame = AxisFrame(name, mesh.size, index, comm=mesh.impl.comm(), mask=mask,
-                          offset=offset)
+                          offset=offset, tape=mesh.impl.tape_collectives)
         with bind_axis(frame):
             out = fn(*args, **kwargs)
         out_leaves, out_def = _tree.flatten(out)

@@ -33,6 +33,8 @@ class Backend(ABC):
         """This process's rows of a tensor with one entry per replica on its leading axis."""
         return x
 
+    tape_collectives = False  # see fdp._collectives._on_shared_tape
+
     def comm(self) -> Any:
         """The communicator collectives use inside :meth:`map` (``None``: vmap rules)."""
         return None

@@ -45,3 +45,8 @@ class Communicator(ABC):
     @abstractmethod
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Replica ``src``'s ``x`` on every replica."""
+
+    def pinned(self) -> Communicator:
+        """This communicator bound to the calling replica, usable from any thread (autograd
+        may run a collective's backward in one of its own threads)."""
+        return self

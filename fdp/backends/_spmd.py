@@ -173,7 +173,8 @@ class _ReplicaStep:
                      loss: torch.Tensor) -> tuple[torch.Tensor, dict]:
         grads = [torch.zeros_like(p) if g is None else g
                  for p, g in zip(params.values(), grads, strict=True)]
-        loss, *grads = comm.all_reduce_many([loss.detach(), *grads], "sum")
+        loss = loss.detach().to(next(iter(params.values())).dtype)
+        loss, *grads = comm.all_reduce_many([loss, *grads], "sum")
         return loss, dict(zip(params, grads, strict=True))
 
 
@@ -198,9 +199,12 @@ class _WeightedStep(_ReplicaStep):
             weight = rows / plan.layout.total if plan.reduction == "mean" else 1.0
             term = loss * weight if rows > 0 else torch.nan_to_num(loss) * 0.0
             grads = torch.autograd.grad(term, list(params.values()), allow_unused=True)
-        else:
-            term, grads = torch.zeros((), device=dev), [None] * len(params)
+        else:  # the loss travels in the params' dtype so every replica's buckets match
+            term = torch.zeros((), device=dev, dtype=next(iter(params.values())).dtype)
+            grads = [None] * len(params)
+        dtype = term.dtype
         loss, grads = self.reduce_grads(comm, params, grads, term)
+        loss = loss.to(dtype)
         if plan.buffer_policy is not None:
             new_buffers = _reduce_buffers(comm, new_buffers, plan)
         return loss, grads, (aux if rows > 0 else None), new_buffers

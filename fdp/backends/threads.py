@@ -40,7 +40,7 @@ class ThreadComm(Communicator):
         self._outputs: list[Any] = [None] * self.size
         self._local = threading.local()
 
-    def bind(self, index: int) -> None:
+    def bind(self, index: int | None) -> None:
         self._local.index = index
 
     def index(self) -> int:
@@ -48,6 +48,27 @@ class ThreadComm(Communicator):
         if index is None:
             raise RuntimeError("fdp internal error: a collective ran outside a replica thread")
         return index
+
+    def pinned(self) -> Communicator:
+        return _Pinned(self, self.index())
+
+    def tracked_all_reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
+        """All-reduce whose result is computed from every replica's tracked input (autograd
+        then differentiates across replicas without any communication in backward)."""
+        stacked = self.tracked_all_gather(x)
+        if op == "sum":
+            return stacked.sum(0)
+        if op == "mean":
+            return stacked.mean(0)
+        return stacked.amax(0) if op == "max" else stacked.amin(0)
+
+    def tracked_all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        dev = self.devices[self.index()]
+        values = self._deposit(x)
+        self._check_same(values, "all_gather")
+        out = torch.stack([v.to(dev) for v in values])
+        self._wait()
+        return out
 
     def abort(self) -> None:
         self._barrier.abort()
@@ -129,6 +150,36 @@ class ThreadComm(Communicator):
         return out  # type: ignore[return-value]
 
 
+class _Pinned(Communicator):
+    """A :class:`ThreadComm` seen as one fixed replica, from whichever thread calls it."""
+
+    def __init__(self, comm: ThreadComm, index: int) -> None:
+        self.comm, self.size, self._index = comm, comm.size, index
+
+    def index(self) -> int:
+        return self._index
+
+    def pinned(self) -> Communicator:
+        return self
+
+    def _call(self, name: str, *args: Any) -> Any:
+        previous = getattr(self.comm._local, "index", None)
+        self.comm.bind(self._index)
+        try:
+            return getattr(self.comm, name)(*args)
+        finally:
+            self.comm.bind(previous)
+
+    def all_reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
+        return self._call("all_reduce", x, op)
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        return self._call("all_gather", x)
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        return self._call("broadcast", x, src)
+
+
 class ThreadsBackend(SpmdBackend):
     """One replica per listed device, each replica's work in its own thread."""
 
@@ -179,6 +230,8 @@ class ThreadsBackend(SpmdBackend):
                     ) from None
             return self._results(outcomes)
 
+    tape_collectives = True
+
     def _replica(self, fn: Callable[[int], Any], r: int, grad_mode: bool) -> tuple:
         self._comm.bind(r)
         try:
@@ -188,7 +241,7 @@ class ThreadsBackend(SpmdBackend):
             self._comm.abort()
             return False, e
         finally:
-            self._comm.bind(None)  # type: ignore[arg-type]
+            self._comm.bind(None)
 
     def _results(self, outcomes: list[tuple]) -> list[Any]:
         failures = [(r, e) for r, (ok, e) in enumerate(outcomes) if not ok]

@@ -1,0 +1,230 @@
+"""The threads backend: one replica per device in its own thread, same results as vmap."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import fdp
+from tests.helpers import F64_REL, assert_close, assert_unchanged, snapshot
+
+_MESHES: dict[int, fdp.Mesh] = {}
+
+
+def threads_mesh(n: int) -> fdp.Mesh:
+    """One mesh per size for the whole module: its worker threads are reused."""
+    if n not in _MESHES:
+        _MESHES[n] = fdp.Mesh(devices=["cpu"] * n, timeout=30)
+    return _MESHES[n]
+
+
+def _mlp(seed: int) -> fdp.Model:
+    torch.manual_seed(seed)
+    return fdp.functionalize(nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double())
+
+
+def _batch(rows: int) -> dict[str, torch.Tensor]:
+    return {"x": torch.randn(rows, 3, dtype=torch.float64),
+            "y": torch.randn(rows, 2, dtype=torch.float64)}
+
+
+def _loss(model: fdp.Model):
+    def loss_fn(params, batch):
+        out, _ = model.apply(params, model.buffers, batch["x"])
+        return (out - batch["y"]).pow(2).mean()
+    return loss_fn
+
+
+splits = st.sampled_from(["chunk", "even"])
+
+
+@given(n=st.integers(1, 4), rows=st.integers(1, 12), split=splits, seed=st.integers(0, 99))
+def test_value_and_grad_equals_vmap_and_single_device(n, rows, split, seed):
+    model, batch = _mlp(seed), _batch(rows)
+    loss_fn = _loss(model)
+    ref = torch.func.grad_and_value(loss_fn)(model.params, batch)
+    for mesh in (threads_mesh(n), fdp.Mesh(n)):
+        loss, grads = fdp.value_and_grad(loss_fn, mesh, split=split)(model.params, batch)
+        assert_close(loss, ref[1], F64_REL)
+        assert_close(grads, ref[0], F64_REL)
+
+
+@given(n=st.integers(1, 4), rows=st.integers(1, 12), seed=st.integers(0, 99))
+def test_gather_strategy_on_threads(n, rows, seed):
+    model, batch = _mlp(seed), _batch(rows)
+
+    def forward(params, b):
+        return model.apply(params, model.buffers, b["x"])[0]
+
+    def criterion(out, b):
+        return (out - b["y"]).pow(2).sum() / out.shape[0] ** 0.5  # not a per-example mean
+
+    loss_fn = fdp.split_loss(forward, criterion)
+    ref_grads, ref_loss = torch.func.grad_and_value(loss_fn)(model.params, batch)
+    loss, grads = fdp.value_and_grad(loss_fn, threads_mesh(n), strategy="gather")(
+        model.params, batch)
+    assert_close(loss, ref_loss, F64_REL)
+    assert_close(grads, ref_grads, F64_REL)
+
+
+@given(n=st.integers(1, 4), rows=st.integers(1, 10), k=st.integers(1, 3), seed=st.integers(0, 9))
+def test_training_steps_equal_across_backends(n, rows, k, seed):
+    model = _mlp(seed)
+    optimizer = fdp.optim.adam(1e-2)
+    batches = [_batch(rows) for _ in range(k)]
+    states = []
+    for mesh in (threads_mesh(n), fdp.Mesh(n), fdp.Mesh(1)):
+        step = fdp.data_parallel_step(_loss(model), optimizer, mesh)
+        state = fdp.TrainState.create(model.params, optimizer)
+        for b in batches:
+            state, _ = step(state, b)
+        states.append(state.params)
+    assert_close(states[0], states[2], F64_REL)
+    assert_close(states[1], states[2], F64_REL)
+
+
+@given(n=st.integers(1, 4), rows=st.integers(1, 9), split=splits)
+def test_collectives_agree_with_vmap(n, rows, split):
+    x = torch.randn(rows, 3, dtype=torch.float64)
+
+    def body(v):
+        s = v.sum(0)
+        return {"sum": fdp.psum(s, "dp"), "mean": fdp.pmean(s, "dp"), "max": fdp.pmax(s, "dp"),
+                "min": fdp.pmin(s, "dp"), "gather": fdp.all_gather(s, "dp"),
+                "index": fdp.axis_index("dp"), "size": torch.tensor(fdp.axis_size("dp"))}
+
+    results = []
+    for mesh in (threads_mesh(n), fdp.Mesh(n)):
+        out = fdp.pmap(body, mesh)(fdp.scatter(x, mesh, split=split))
+        results.append(out.data)
+    assert_close(results[0], results[1], F64_REL)
+
+
+@given(n=st.integers(1, 4), rows=st.integers(1, 9))
+def test_gradients_flow_through_pmap_and_collectives(n, rows):
+    """Tape autograd through the per-device copies, the threads and psum's transpose."""
+    mesh = threads_mesh(n)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(rows, 3, dtype=torch.float64)
+
+    def body(w_, v):
+        return fdp.psum((v @ w_).pow(2).sum(), "dp") * (v @ w_).sum()
+
+    out = fdp.pmap(body, mesh, in_axes=(None, 0), out_axes=0)(w, fdp.scatter(x, mesh))
+    (g,) = torch.autograd.grad(out.data.sum(), [w])
+    wv = fdp.Mesh(n)
+    w2 = w.detach().clone().requires_grad_()
+    out2 = fdp.pmap(body, wv, in_axes=(None, 0))(w2, fdp.scatter(x, wv))
+    (g2,) = torch.autograd.grad(out2.data.sum(), [w2])
+    assert_close(g, g2, F64_REL)
+
+
+def test_buffer_policies_match_vmap():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).double().train()
+    model = fdp.functionalize(net)
+
+    def loss_fn(p, b, batch):
+        out, new = model.apply(p, b, batch)
+        return out.pow(2).mean(), new
+
+    x = torch.randn(9, 3, dtype=torch.float64)
+    for policy in ("replica0", "mean"):
+        results = [fdp.value_and_grad(loss_fn, mesh, buffer_policy=policy)(
+            model.params, model.buffers, x) for mesh in (threads_mesh(3), fdp.Mesh(3))]
+        # (BatchNorm makes some gradients exactly 0 up to rounding: compare absolutely)
+        torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-13)
+    with pytest.raises(ValueError, match="differs across replicas"):
+        fdp.value_and_grad(loss_fn, threads_mesh(3), buffer_policy="sync")(
+            model.params, model.buffers, x)
+
+
+def test_exception_in_a_replica_names_it_and_nothing_hangs():
+    mesh = threads_mesh(3)
+
+    def body(v):
+        if int(fdp.axis_index("dp")) == 1:
+            raise KeyError("boom")
+        return fdp.psum(v, "dp")  # the other replicas wait here for replica 1
+
+    start = time.perf_counter()
+    with pytest.raises(KeyError, match="boom") as info:
+        fdp.pmap(body, mesh)(torch.arange(3.0))
+    assert time.perf_counter() - start < 5
+    assert any("replica 1 of 3 (device cpu)" in note for note in info.value.__notes__)
+    # the mesh still works afterwards
+    out = fdp.pmap(lambda v: fdp.psum(v, "dp"), mesh)(torch.arange(3.0))
+    assert torch.equal(out, torch.full((3,), 3.0))
+
+
+def test_mismatched_shapes_across_replicas_raise():
+    mesh = threads_mesh(2)
+
+    def body(v):
+        return fdp.psum(torch.ones(int(fdp.axis_index("dp")) + 1), "dp")
+
+    with pytest.raises(ValueError, match=r"replica 0: torch.float32\[1\], replica 1"):
+        fdp.pmap(body, mesh)(torch.arange(2.0))
+
+
+def test_a_stuck_replica_times_out():
+    mesh = fdp.Mesh(devices=["cpu"] * 2, timeout=0.5)
+    release = threading.Event()
+
+    def body(v):
+        if int(fdp.axis_index("dp")) == 0:
+            release.wait(5)
+        return v * 2
+
+    start = time.perf_counter()
+    with pytest.raises(TimeoutError, match="replica 0"):
+        fdp.pmap(body, mesh)(torch.arange(2.0))
+    release.set()
+    assert time.perf_counter() - start < 3
+    assert torch.equal(fdp.pmap(lambda v: v * 2, mesh)(torch.arange(2.0)), torch.tensor([0., 2.]))
+
+
+def test_torch_func_transforms_are_refused():
+    mesh = threads_mesh(2)
+
+    def f(w):
+        return fdp.pmap(lambda v: v * w, mesh, out_axes=0)(torch.arange(2.0)).sum()
+
+    with pytest.raises(RuntimeError, match=r"torch\.func transforms"):
+        torch.func.grad(f)(torch.tensor(1.0))
+
+
+def test_inputs_are_not_mutated():
+    model, batch = _mlp(0), _batch(7)
+    before = snapshot((model.params, batch))
+    fdp.value_and_grad(_loss(model), threads_mesh(3))(model.params, batch)
+    assert_unchanged(before, (model.params, batch))
+
+
+def test_primitives_round_trip():
+    mesh = threads_mesh(3)
+    x = torch.randn(7, 2)
+    assert torch.equal(fdp.gather(fdp.scatter(x, mesh), mesh), x)
+    assert torch.equal(fdp.unreplicate(fdp.replicate(x, mesh), mesh), x)
+    torch.testing.assert_close(fdp.all_reduce(fdp.replicate(x, mesh), mesh, "mean"),
+                               fdp.replicate(x, mesh))
+
+
+def test_mesh_arguments_are_checked():
+    with pytest.raises(ValueError, match="devices is empty"):
+        fdp.Mesh(devices=[])
+    with pytest.raises(TypeError, match="list of devices"):
+        fdp.Mesh(devices="cpu")
+    with pytest.raises(ValueError, match="n=3 but 2 devices"):
+        fdp.Mesh(3, devices=["cpu", "cpu"])
+    with pytest.raises(ValueError, match="timeout"):
+        fdp.Mesh(devices=["cpu"], timeout=0)
+    mesh = fdp.Mesh(devices=["cpu", "cpu"])
+    assert (mesh.size, mesh.backend, mesh.devices) == (2, "threads", (torch.device("cpu"),) * 2)
+    assert "threads" in repr(mesh)
