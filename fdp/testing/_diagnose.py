@@ -1,0 +1,325 @@
+"""Names the layer (or buffer, or loss) that makes data-parallel training differ.
+
+The model runs on the full batch and on each replica's shard, with forward hooks on every
+submodule (see :mod:`fdp.testing._trace`). The first call, in execution order, whose output
+rows on a shard differ from the full batch's is the culprit; with the reference values forced
+back in, every later layer is judged too, so several culprits can be named. A second
+full-batch run with another seed finds layers that draw random numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+from torch.func import functional_call
+
+from fdp.testing._spec import Spec, call_args, shard
+from fdp.testing._trace import Finding, Tracer, difference
+
+__all__ = ["diagnose"]
+
+
+def diagnose(spec: Spec, sizes: tuple[int, ...], bad_buffers: list[str],
+             raised: bool) -> list[str]:
+    """Lines that explain the difference, most specific first (never empty).
+
+    ``raised``: the data-parallel run raised (rather than giving other numbers).
+    """
+    split_even = len(set(sizes)) == 1
+    module, params, buffers, per_layer = _target(spec)
+    runner = _Runner(module, params, buffers, spec)
+    reference = runner.reference()
+    if isinstance(reference, BaseException):
+        return [f"(the per-layer diagnosis could not run the model: "
+                f"{type(reference).__name__}: {_first_line(reference)})"]
+    findings = runner.random_layers(reference) + runner.shard_findings(reference, sizes)
+    lines = _describe_all(findings, spec, per_layer, split_even, sizes)
+    lines += _buffer_lines(bad_buffers, module if per_layer else None, findings, spec)
+    if not findings:
+        loss_line = _loss_line(spec, _root_output(reference), sizes)
+        lines += [loss_line] if loss_line else []
+    if lines:
+        return lines
+    if raised:
+        return ["no layer breaks equivalence (on every replica's shard each layer's output "
+                "rows equal the full batch's; fdp.nn.SyncBatchNorm layers are taken to "
+                "synchronize): the error above is about the data-parallel setup"]
+    return ["no culprit found: on every replica's shard each layer's output rows equal the "
+            "full batch's, and loss_fn is a per-example mean; a custom autograd.Function whose "
+            "backward mixes rows may explain the difference"]
+
+
+# --- the module to trace ----------------------------------------------------------------------
+
+class _ApplyModule(nn.Module):
+    """An ``fdp.Model`` without its module: traced as one opaque layer."""
+
+    def __init__(self, apply: Callable[..., Any], params: dict, buffers: dict) -> None:
+        super().__init__()
+        self.fn, self.params, self.state = apply, params, buffers
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        fresh = {k: v.clone() for k, v in self.state.items()}
+        return self.fn(self.params, fresh, *args, **kwargs)[0]
+
+
+def _closure_module(apply: Callable[..., Any]) -> nn.Module | None:
+    """The module behind an ``apply`` built by :func:`fdp.functionalize`, if there is one."""
+    for cell in getattr(apply, "__closure__", None) or ():
+        with contextlib.suppress(ValueError):  # an empty cell
+            if isinstance(cell.cell_contents, nn.Module):
+                return cell.cell_contents
+    return None
+
+
+def _target(spec: Spec) -> tuple[nn.Module, dict, dict, bool]:
+    """``(private module copy, params, buffers, per_layer)`` for tracing."""
+    module = spec.module
+    if module is None and spec.model is not None:
+        module = _closure_module(spec.model.apply)
+    if module is not None:
+        names = {k for k, _ in module.named_parameters()}
+        if names == spec.params.keys() and \
+                {k for k, _ in module.named_buffers()} == spec.buffers.keys():
+            return copy.deepcopy(module), spec.params, spec.buffers, True
+    assert spec.model is not None
+    return _ApplyModule(spec.model.apply, spec.params, spec.buffers), {}, {}, False
+
+
+def _sync_layers(module: nn.Module) -> list[nn.Module]:
+    try:
+        from fdp.nn import SyncBatchNorm
+    except ImportError:  # pragma: no cover - fdp.nn ships with fdp
+        return []
+    return [m for m in module.modules() if isinstance(m, SyncBatchNorm)]
+
+
+def _passthrough(x: Any, *args: Any, **kwargs: Any) -> Any:
+    return x
+
+
+# --- running the traces -----------------------------------------------------------------------
+
+class _Runner:
+    def __init__(self, module: nn.Module, params: dict, buffers: dict, spec: Spec) -> None:
+        self.module, self.params, self.buffers, self.spec = module, params, buffers, spec
+        self.names = {id(m): name for name, m in module.named_modules()}
+        self.synced = {self.names[id(m)] for m in _sync_layers(module)}
+
+    @contextlib.contextmanager
+    def _hooks(self, tracer: Tracer, stub_sync: bool = False) -> Iterator[None]:
+        handles = []
+        for m in dict.fromkeys(self.module.modules()):
+            handles.append(m.register_forward_pre_hook(tracer.pre, with_kwargs=True))
+            handles.append(m.register_forward_hook(tracer.post, with_kwargs=True))
+        stubs = _sync_layers(self.module) if stub_sync else []
+        for layer in stubs:  # they synchronize under DP: trust them, take the reference rows
+            layer.forward = _passthrough
+        try:
+            yield
+        finally:
+            for layer in stubs:
+                del layer.forward
+            for h in handles:
+                h.remove()
+
+    def run(self, tracer: Tracer, batch: Any, seed: int,
+            stub_sync: bool = False) -> BaseException | None:
+        args, kwargs = call_args(self.spec.inputs(batch))
+        state = {**self.params, **{k: v.clone() for k, v in self.buffers.items()}}
+        torch.manual_seed(seed)
+        with self._hooks(tracer, stub_sync), torch.no_grad():
+            try:
+                functional_call(self.module, state, tuple(args), kwargs)
+            except Exception as e:  # reported as a finding
+                return e
+        return None
+
+    def reference(self) -> Tracer | BaseException:
+        tracer = Tracer(self.names)
+        error = self.run(tracer, self.spec.batch, seed=1)
+        return tracer if error is None else error
+
+    def random_layers(self, reference: Tracer) -> list[Finding]:
+        rows = self.spec.rows
+        again = self._compare(reference, (0, rows))
+        self.run(again, self.spec.batch, seed=2)
+        return [f._replace(kind="random") for f in _unique(again.findings)]
+
+    def shard_findings(self, reference: Tracer, sizes: tuple[int, ...]) -> list[Finding]:
+        found: list[Finding] = []
+        offset = 0
+        for i, size in enumerate(sizes):
+            if size:
+                skip = self.synced | {f.name for f in found if f.kind == "random"}
+                tracer = self._compare(reference, (offset, size), frozenset(skip))
+                part = shard(self.spec.batch, offset, size, self.spec.rows)
+                error = self.run(tracer, part, seed=3 + i, stub_sync=True)
+                found += [f._replace(detail=f"replica {i}: {f.detail}")
+                          for f in tracer.findings]
+                if error is not None:
+                    found.append(_raised(tracer, error, i, size))
+            offset += size
+        return found
+
+    def _compare(self, reference: Tracer, rows: tuple[int, int],
+                 skip: frozenset[str] = frozenset()) -> Tracer:
+        return Tracer(self.names, reference.events, rows, self.spec.rows, self.spec.rtol,
+                      self.spec.atol, skip)
+
+
+def _raised(tracer: Tracer, error: BaseException, replica: int, size: int) -> Finding:
+    where = tracer.running()
+    detail = (f"on replica {replica}'s shard of {size} row{'s' * (size != 1)} it raises "
+              f"{type(error).__name__}: {_first_line(error)}")
+    if where is None:
+        return Finding("inputs", "", None, detail)
+    return Finding("raises", where[0], where[1], detail)
+
+
+def _unique(findings: list[Finding]) -> list[Finding]:
+    seen: dict[str, Finding] = {}
+    for f in findings:
+        seen.setdefault(f.name, f)
+    return list(seen.values())
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().split("\n")[0]
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _root_output(reference: Tracer) -> Any:
+    outs = [value for kind, name, value in reference.events if kind == "out" and name == ""]
+    return outs[-1] if outs else None
+
+
+# --- describing the culprits ------------------------------------------------------------------
+
+def _where(name: str, module: nn.Module | None) -> str:
+    kind = type(module).__name__ if module is not None else "the model"
+    return f"{kind} at {name!r}" if name else f"{kind} (the root module)"
+
+
+def _is_batch_stat_norm(module: nn.Module | None) -> bool:
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return False
+    return module.training or module.running_mean is None
+
+
+def _describe_all(findings: list[Finding], spec: Spec, per_layer: bool, split_even: bool,
+                  sizes: tuple[int, ...]) -> list[str]:
+    by_name: dict[str, list[Finding]] = {}
+    for f in findings:
+        by_name.setdefault(f.name, []).append(f)
+    return [_describe(group, spec, per_layer, split_even, sizes) for group in by_name.values()]
+
+
+def _describe(group: list[Finding], spec: Spec, per_layer: bool, split_even: bool,
+              sizes: tuple[int, ...]) -> str:
+    f = group[0]
+    raised = next((g.detail for g in group if g.kind == "raises"), None)
+    where = _where(f.name, f.module) if per_layer else "the model (fdp.Model.apply)"
+    if f.kind == "random":
+        return _random_line(where, f.module)
+    if _is_batch_stat_norm(f.module):
+        return _batchnorm_line(where, raised, split_even, sizes)
+    if f.kind == "inputs":
+        return f"inputs(batch) does not give a shard the model's input rows for it: {f.detail}"
+    if f.kind == "raises":
+        return f"{where}: {f.detail}"
+    suffix = "" if per_layer else (" (pass the nn.Module, or build the Model with "
+                                   "fdp.functionalize, to name the layer)")
+    if f.kind == "own_code":
+        return (f"{where} mixes examples across the batch in its own forward code: the rows "
+                f"it passes to {f.before} depend on other rows, so a per-replica shard gives "
+                f"different values ({f.detail}){suffix}")
+    return (f"{where} mixes examples across the batch: its output rows depend on other rows, "
+            f"so a per-replica shard gives different values ({f.detail}){suffix}")
+
+
+def _batchnorm_line(where: str, raised: str | None, split_even: bool,
+                    sizes: tuple[int, ...]) -> str:
+    even = "" if split_even else (
+        f" and a split into equal shards (the vmap backend's 'sync' needs them; this split "
+        f"gives {sizes})")
+    also = f"; {raised}" if raised else ""
+    return (f"{where} uses per-replica batch statistics: in training each replica normalizes "
+            f"with the mean and variance of its own shard{also}. Use buffer_policy='sync' with "
+            f"fdp.nn.convert_sync_batchnorm(model){even}, or eval mode")
+
+
+def _random_line(where: str, module: nn.Module | None) -> str:
+    what = "draws random numbers in training mode" if isinstance(
+        module, nn.modules.dropout._DropoutNd) else "gives other values on every run " \
+        "(random numbers in its forward)"
+    return (f"{where} {what}: under data parallelism each replica draws its own values, so "
+            f"training equals single-device training only in distribution. Check equivalence "
+            f"in eval mode (model.eval()) and test the random layer statistically; DP training "
+            f"with it needs randomness='different'")
+
+
+def _buffer_lines(keys: list[str], module: nn.Module | None, findings: list[Finding],
+                  spec: Spec) -> list[str]:
+    explained = {f.name for f in findings}
+    lines = []
+    for key in keys:
+        owner_name = key.rpartition(".")[0]
+        if owner_name in explained:
+            continue
+        owner = _submodule(module, owner_name)
+        where = _where(owner_name, owner) if owner is not None else "the model"
+        if spec.buffer_policy is None:
+            lines.append(f"buffers[{key!r}] of {where} changes in single-device training, but "
+                         f"with buffer_policy=None data-parallel training keeps buffers fixed; "
+                         f"pass buffer_policy='replica0', 'mean' or 'sync'")
+        else:
+            lines.append(f"buffers[{key!r}] of {where}: its update depends on which rows a "
+                         f"replica holds, and buffer_policy={spec.buffer_policy!r} does not "
+                         f"combine the replicas' values into the full-batch update")
+    return lines
+
+
+def _submodule(module: nn.Module | None, name: str) -> nn.Module | None:
+    if module is None:
+        return None
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _loss_line(spec: Spec, outputs: Any, sizes: tuple[int, ...]) -> str | None:
+    """Whether ``loss_fn`` is the per-example mean (or sum) the weighted strategy needs."""
+    if spec.strategy != "weighted" or outputs is None:
+        return None
+    with torch.no_grad():
+        full = spec.loss_fn(outputs, spec.batch)
+        parts, offset = [], 0
+        for size in sizes:
+            if size:
+                loss = spec.loss_fn(_rows(outputs, offset, size, spec.rows),
+                                    shard(spec.batch, offset, size, spec.rows))
+                parts.append(loss * (size / spec.rows if spec.reduction == "mean" else 1.0))
+            offset += size
+        combined = torch.stack(parts).sum()
+    if not isinstance(full, torch.Tensor) or difference(combined, full.detach(), spec.rtol,
+                                                          spec.atol) is None:
+        return None
+    word = "mean" if spec.reduction == "mean" else "sum"
+    return (f"loss_fn is not a {word} of per-example terms: combining its values on the "
+            f"replicas' shards gives {combined.item():.6g}, on the full batch it is "
+            f"{full.item():.6g}. The default strategy='weighted' needs such a loss; for any "
+            f"other criterion use strategy='gather' (nn.DataParallel's semantics)")
+
+
+def _rows(tree: Any, offset: int, size: int, total: int) -> Any:
+    return pytree.tree_map(
+        lambda x: x.narrow(0, offset, size)
+        if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == total else x, tree)
