@@ -242,8 +242,10 @@ def _batch_stats(x: torch.Tensor, mask: torch.Tensor | None,
         sums = masked_sum(x)
     else:
         sums, count = psum((masked_sum(x), _local_count(x, mask, spatial, frame)), frame.name)
-    # Without a mask the count is known from the shapes: checked without a device sync.
-    static = None if mask is not None else x.shape[0] * spatial * (frame.size if frame else 1)
+    # Without a mask, on the vmap backend (every replica has x's shape), the count is known
+    # from the shapes: checked without a device sync. Threads/processes may differ in rows.
+    shapes_agree = mask is None and (frame is None or frame.comm is None)
+    static = x.shape[0] * spatial * (frame.size if frame else 1) if shapes_agree else None
     _check_count(count if static is None else static, x, channels)
     mean = sums / count
     centered = x - _per_channel(mean, x)
