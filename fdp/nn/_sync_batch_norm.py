@@ -242,11 +242,7 @@ def _batch_stats(x: torch.Tensor, mask: torch.Tensor | None,
         sums = masked_sum(x)
     else:
         sums, count = psum((masked_sum(x), _local_count(x, mask, spatial, frame)), frame.name)
-    # Without a mask, on the vmap backend (every replica has x's shape), the count is known
-    # from the shapes: checked without a device sync. Threads/processes may differ in rows.
-    shapes_agree = mask is None and (frame is None or frame.comm is None)
-    static = x.shape[0] * spatial * (frame.size if frame else 1) if shapes_agree else None
-    _check_count(count if static is None else static, x, channels)
+    _check_count(_count_to_check(count, x, spatial, mask, frame), x, channels)
     mean = sums / count
     centered = x - _per_channel(mean, x)
     var = masked_sum(centered * centered)
@@ -263,6 +259,22 @@ def _local_count(x: torch.Tensor, mask: torch.Tensor | None, spatial: int,
     if mask is not None:
         return mask.sum() * spatial
     return torch.full_like(frame.index, x.shape[0] * spatial)
+
+
+def _count_to_check(count: Any, x: torch.Tensor, spatial: int, mask: torch.Tensor | None,
+                    frame: _collectives.AxisFrame | None) -> Any:
+    """The total count the ``> 1`` check reads, without a device sync where possible.
+
+    The summed count is exact (it also counts only replicas that actually ran), and reading it
+    on the CPU costs nothing. On an accelerator, when there is no mask and every replica holds
+    x's shape (the vmap backend), the count the shapes imply is read instead: no sync.
+    Threads/processes may hold different row counts, so there the summed count is read.
+    """
+    on_cpu = not isinstance(count, torch.Tensor) or count.device.type == "cpu"
+    shapes_agree = mask is None and (frame is None or frame.comm is None)
+    if on_cpu or not shapes_agree:
+        return count
+    return x.shape[0] * spatial * (frame.size if frame else 1)
 
 
 def _check_count(count: Any, x: torch.Tensor, channels: int) -> None:
