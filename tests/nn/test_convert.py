@@ -195,3 +195,33 @@ def test_module_batch_of_one_in_training_raises_and_keeps_buffers():
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         net(torch.randn(1, 4, dtype=torch.float64))
     assert_unchanged(before, dict(net.named_buffers()))  # unlike torch, no count bump
+
+
+# --- inside value_and_grad's fused step ---------------------------------------------------------
+
+def _sync_loss(model):
+    def loss_fn(params, buffers, batch):
+        out, new_buffers = model.apply(params, buffers, batch)
+        return out.pow(2).mean(), new_buffers
+    return loss_fn
+
+
+@pytest.mark.parametrize(("b", "n"), [(6, 4), (6, 3), (9, 4)])
+def test_value_and_grad_sync_policy_with_empty_replicas(b, n):
+    """chunk splits such as (2, 2, 2, 0): the fused step runs only replicas that hold rows."""
+    net = _net(0.1, True)
+    model = fdp.functionalize(fdp.nn.convert_sync_batchnorm(net))
+    x = torch.randn(b, 4, dtype=torch.float64)
+    step = fdp.value_and_grad(_sync_loss(model), fdp.Mesh(n), buffer_policy="sync")
+    (loss, buffers), grads = step(model.params, model.buffers, x)
+    ref = fdp.functionalize(net)
+    ref_grads, (ref_loss, ref_buffers) = torch.func.grad_and_value(
+        _sync_loss(ref), has_aux=True)(ref.params, ref.buffers, x)
+    _assert_same((loss, buffers, grads), (ref_loss, ref_buffers, ref_grads))
+
+
+def test_value_and_grad_sync_policy_one_row_raises():
+    model = fdp.functionalize(fdp.nn.convert_sync_batchnorm(_net(0.1, True)))
+    step = fdp.value_and_grad(_sync_loss(model), fdp.Mesh(4), buffer_policy="sync")
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        step(model.params, model.buffers, torch.randn(1, 4, dtype=torch.float64))
