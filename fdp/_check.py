@@ -77,12 +77,14 @@ def replica_axis(
     With ``static_ok``, plain Python leaves are allowed (they are the same on every replica).
     """
     pairs = batch_leaves(tree, fn, root) if static_ok else tensor_leaves(tree, fn, root)
+    local = mesh_.impl.local_size  # the replicas this process holds
     for path, leaf in pairs:
-        if leaf.dim() == 0 or leaf.shape[0] != mesh_.size:
+        if leaf.dim() == 0 or leaf.shape[0] != local:
             shape = tuple(leaf.shape)
+            what = "the mesh size" if local == mesh_.size else "this process's replicas"
             raise ValueError(
                 f"{fn}: {path} has shape {shape} but needs a leading replica axis of size "
-                f"{mesh_.size} (the mesh size); build it with fdp.replicate or fdp.pmap"
+                f"{local} ({what}); build it with fdp.replicate or fdp.pmap"
             )
     return pairs
 

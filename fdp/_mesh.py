@@ -97,6 +97,46 @@ class Mesh:
         mesh._backend = backend
         return mesh
 
+    @classmethod
+    def distributed(
+        cls,
+        group: Any = None,
+        *,
+        axis_name: str = DEFAULT_AXIS_NAME,
+        device: torch.device | str | None = None,
+        timeout: float = 300.0,
+        bucket_mb: float = 25.0,
+        overlap: bool = True,
+    ) -> Mesh:
+        """One replica per process of an initialized ``torch.distributed`` process group.
+
+        Every process runs the same program with the same params and the same global batch;
+        each one plays the replica of its rank in ``group``: ``fdp.scatter`` keeps its own rows,
+        collectives are c10d collectives, ``fdp.value_and_grad`` reduces gradients in flat
+        buckets overlapped with backward. Replicated values hold this process's replica only
+        (a leading axis of size 1). See docs/backends.md.
+
+        Args:
+            group: the process group (default: the default group); one replica per rank.
+            axis_name: the name collectives use to address this axis inside :func:`fdp.pmap`.
+            device: this process's device (default: ``cuda:<LOCAL_RANK>`` on an NCCL group,
+                else the CPU).
+            timeout: seconds any collective may wait for the other ranks before raising
+                ``TimeoutError`` (gloo; NCCL ops are bounded by the process group's timeout).
+            bucket_mb: size of the flat gradient buckets (DDP's default, 25 MB; the first
+                bucket is at most 1 MB so that communication starts early in backward).
+            overlap: start each bucket's all-reduce as soon as backward produced its
+                gradients (else all buckets after backward).
+        """
+        from fdp.backends.distributed import DistributedBackend
+
+        if not isinstance(axis_name, str) or not axis_name:
+            raise TypeError(f"Mesh.distributed: axis_name must be a non-empty str, got "
+                            f"{axis_name!r}")
+        backend = DistributedBackend.create(group, device=device, timeout=timeout,
+                                            bucket_mb=bucket_mb, overlap=overlap)
+        return cls.from_backend(backend, axis_name)
+
     @property
     def size(self) -> int:
         """Number of replicas."""

@@ -277,10 +277,12 @@ def _check_mapped_inputs(flat: list, axes: list, paths: list, mesh: Mesh) -> Non
                 f"pmap: in_axes={axis} is out of range for {path} with shape "
                 f"{tuple(leaf.shape)}; use in_axes=None for values every replica shares"
             )
-        if leaf.shape[axis] != mesh.size:
+        local = mesh.impl.local_size  # the replicas this process holds
+        if leaf.shape[axis] != local:
             raise ValueError(
                 f"pmap: {path} has size {leaf.shape[axis]} at in_axes={axis} but the mesh has "
-                f"{mesh.size} replicas; build it with fdp.replicate/fdp.scatter, or pass "
+                f"{local} replicas{'' if local == mesh.size else ' in this process'}; build it "
+                f"with fdp.replicate/fdp.scatter, or pass "
                 f"in_axes=None for a value every replica shares"
             )
 

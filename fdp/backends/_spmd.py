@@ -109,6 +109,17 @@ class SpmdBackend(Backend):
         results = [r for r in self.run_replicas(step.replica) if r is not None]
         return step.combine(results)
 
+    def backward_and_reduce(self, comm: Communicator, term: torch.Tensor,
+                            params: dict) -> tuple[torch.Tensor, dict]:
+        """This replica's gradient of ``term`` summed over replicas, and the summed ``term``.
+
+        Differentiates, then reduces in one bucketed all-reduce; a backend may override it to
+        overlap the reduction with backward (the distributed backend does).
+        """
+        grads = (torch.autograd.grad(term, list(params.values()), allow_unused=True)
+                 if term.requires_grad else [None] * len(params))
+        return _ReplicaStep.reduce_grads(comm, params, grads, term)
+
 
 def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """Moves tensors to ``device`` with one copy per dtype (coalesced), keeping autograd."""
@@ -169,7 +180,8 @@ class _ReplicaStep:
             lambda _, x: x.to(dev) if isinstance(x, torch.Tensor) else x, a)
             for a in self.plan.args)
 
-    def reduce_grads(self, comm: Communicator, params: dict, grads: Sequence,
+    @staticmethod
+    def reduce_grads(comm: Communicator, params: dict, grads: Sequence,
                      loss: torch.Tensor) -> tuple[torch.Tensor, dict]:
         grads = [torch.zeros_like(p) if g is None else g
                  for p, g in zip(params.values(), grads, strict=True)]
@@ -198,12 +210,10 @@ class _WeightedStep(_ReplicaStep):
                                                     self.args_on(dev))
             weight = rows / plan.layout.total if plan.reduction == "mean" else 1.0
             term = loss * weight if rows > 0 else torch.nan_to_num(loss) * 0.0
-            grads = torch.autograd.grad(term, list(params.values()), allow_unused=True)
         else:  # the loss travels in the params' dtype so every replica's buckets match
             term = torch.zeros((), device=dev, dtype=next(iter(params.values())).dtype)
-            grads = [None] * len(params)
         dtype = term.dtype
-        loss, grads = self.reduce_grads(comm, params, grads, term)
+        loss, grads = self.backend.backward_and_reduce(comm, term, params)
         loss = loss.to(dtype)
         if plan.buffer_policy is not None:
             new_buffers = _reduce_buffers(comm, new_buffers, plan)
@@ -264,9 +274,7 @@ class _GatheredStep(_ReplicaStep):
                 root="out")
             result = plan.call_criterion(gathered, self.shard_all(dev))
         loss, aux = result if plan.has_aux else (result, None)
-        grads = torch.autograd.grad(loss / self.backend.size, list(params.values()),
-                                    allow_unused=True)
-        _, grads = self.reduce_grads(comm, params, grads, loss)
+        _, grads = self.backend.backward_and_reduce(comm, loss / self.backend.size, params)
         return loss.detach(), grads, aux
 
     def shard_all(self, dev: torch.device) -> Any:

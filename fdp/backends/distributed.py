@@ -1,0 +1,260 @@
+"""The distributed backend: one replica per process of a ``torch.distributed`` process group.
+
+Every rank runs the same program on the same global values (same params, same global batch);
+the backend makes each rank play its replica:
+
+* a replicated value is this rank's replica with a leading axis of size 1 (the *local* axis,
+  as in ``jax.pmap`` across processes): ``replicate`` broadcasts from rank 0, ``unreplicate``
+  takes the local replica;
+* ``scatter`` keeps this rank's rows of the global batch (padded like the vmap backend's);
+  ``gather`` all-gathers every rank's rows and drops the padding, so every rank gets the batch;
+* collectives inside :func:`fdp.pmap` (``psum``, ``all_gather``, ...) are c10d collectives
+  (see :mod:`fdp.backends._dist_comm`), differentiable and usable under ``torch.func``
+  transforms *inside* the replica;
+* :func:`fdp.value_and_grad` differentiates each rank's shard with tape autograd and sums the
+  loss and gradients in flat buckets, each launched asynchronously as soon as backward has
+  produced its gradients (overlapping communication with the rest of backward, as DDP).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+
+from fdp import _tree
+from fdp._layout import Layout
+from fdp.backends._dist_comm import FIRST_BUCKET_BYTES, DistComm, PendingCheck, plan_buckets
+from fdp.backends._spmd import SpmdBackend
+
+
+class DistributedBackend(SpmdBackend):
+    """One replica per rank of ``group``; this process holds replica ``rank``."""
+
+    name = "distributed"
+
+    def __init__(self, group: Any, device: torch.device, timeout: float, bucket_bytes: int,
+                 overlap: bool) -> None:
+        self.group = group
+        self._comm = DistComm(group, device, timeout, bucket_bytes)
+        self.size = self._comm.size
+        self.rank = self._comm.rank
+        self.device = device
+        # Other processes' devices are not addressable from here: every replica is listed at
+        # this process's device, which is where its values live.
+        self.devices = (device,) * self.size
+        self.timeout = timeout
+        self.bucket_bytes = bucket_bytes
+        self.overlap = overlap
+        self._pending: PendingCheck | None = None
+
+    @classmethod
+    def create(cls, group: Any = None, *, device: Any = None, timeout: float = 300.0,
+               bucket_mb: float = 25.0, overlap: bool = True) -> DistributedBackend:
+        """Validates the arguments of :meth:`fdp.Mesh.distributed` and builds the backend."""
+        fn = "Mesh.distributed"
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                f"{fn}: torch.distributed is not initialized; call "
+                f"torch.distributed.init_process_group('gloo') (or 'nccl' on GPUs) in every "
+                f"process first (torchrun sets the environment it reads), or run the function "
+                f"with fdp.launch.run(fn, nprocs)")
+        if group is not None and not isinstance(group, dist.ProcessGroup):
+            raise TypeError(f"{fn}: group must be a torch.distributed ProcessGroup or None "
+                            f"(the default group), got {type(group).__name__}")
+        if dist.get_rank(group) < 0:
+            raise ValueError(f"{fn}: this process (global rank {dist.get_rank()}) is not a "
+                             f"member of the given group; build the mesh only on its members")
+        for name, value in (("timeout", timeout), ("bucket_mb", bucket_mb)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{fn}: {name} must be a positive number, got {value!r}")
+        if not isinstance(overlap, bool):
+            raise TypeError(f"{fn}: overlap must be a bool, got {type(overlap).__name__}")
+        dev = _default_device(group) if device is None else torch.device(device)
+        return cls(group, dev, float(timeout), max(1, int(bucket_mb * 2**20)), overlap)
+
+    # --- placement ----------------------------------------------------------------------------
+
+    @property
+    def local_replicas(self) -> tuple[int, ...]:
+        return (self.rank,)
+
+    def local(self, x: torch.Tensor) -> torch.Tensor:
+        return x.narrow(0, self.rank, 1)
+
+    def comm(self) -> DistComm:
+        return self._comm
+
+    def run_replicas(self, fn: Callable[[int], Any]) -> list[Any]:
+        try:
+            return [fn(self.rank)]
+        except BaseException as e:  # the peers fail within the timeout instead of hanging
+            e.add_note(f"raised in replica {self.rank} of {self.size} (global rank "
+                       f"{dist.get_rank()}, device {self.device}) of a distributed mesh")
+            raise
+
+    # --- primitives on the local leading axis ---------------------------------------------
+
+    def replicate(self, x: torch.Tensor) -> torch.Tensor:
+        return self._comm.broadcast(x, 0).unsqueeze(0)
+
+    def unreplicate(self, x: torch.Tensor) -> torch.Tensor:
+        return x[0]
+
+    def shard(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+        x = x.to(self.device)
+        dim = layout.dim % x.dim()
+        off, rows, m = layout.offsets[self.rank], layout.sizes[self.rank], layout.max_size
+        if rows == m:  # a view: no copy
+            return x.narrow(dim, off, rows).unsqueeze(0)
+        index = layout.padded_index(x.device)[self.rank * m:(self.rank + 1) * m]
+        return x.index_select(dim, index).unsqueeze(0)
+
+    def unshard(self, x: torch.Tensor, layout: Layout, dim: int) -> torch.Tensor:
+        everyone = self._comm.all_gather(x[0])
+        flat = everyone.movedim(0, dim).flatten(dim, dim + 1)
+        if layout.even:
+            return flat
+        return flat.index_select(dim, layout.real_index(flat.device))
+
+    def all_reduce(self, x: torch.Tensor, op: str, weights: torch.Tensor | None) -> torch.Tensor:
+        mine = x[0]
+        if weights is None:
+            return self._comm.all_reduce(mine, op).unsqueeze(0)
+        w = weights.to(dtype=mine.dtype, device=mine.device)
+        # where, not w * x: a replica with weight 0 (no rows) may hold NaN (a 0/0 mean)
+        term = torch.where(w[self.rank] > 0, w[self.rank] * mine, 0)
+        return (self._comm.all_reduce(term, "sum") / w.sum()).unsqueeze(0)
+
+    # --- value_and_grad -----------------------------------------------------------------------
+
+    def value_and_grad(self, plan: Any, params: dict, batch: Any) -> tuple[Any, dict]:
+        """SpmdBackend's step, after checking (overlapped with forward) that every rank passes
+        the same param shapes, batch shapes and split; gradient buckets skip their own check."""
+        self._pending = self._comm.start_check(_describe(plan, params, batch),
+                                               "value_and_grad")
+        try:
+            return super().value_and_grad(plan, params, batch)
+        finally:
+            self._pending = None
+
+    def backward_and_reduce(self, comm: Any, term: torch.Tensor,
+                            params: dict) -> tuple[torch.Tensor, dict]:
+        reducer = _Reducer(self, term, list(params.values()))
+        if term.requires_grad and self.overlap:
+            leaves = list(params.values())
+            hooks = [p.register_post_accumulate_grad_hook(reducer.hook(len(leaves) - i))
+                     for i, p in enumerate(leaves)]
+            try:
+                torch.autograd.backward(term, inputs=leaves)
+            finally:
+                for h in hooks:
+                    h.remove()
+        elif term.requires_grad:
+            grads = torch.autograd.grad(term, list(params.values()), allow_unused=True)
+            for i, g in enumerate(grads):
+                reducer.ready(len(grads) - i, g)
+        loss, *grads = reducer.finish()
+        return loss.to(term.dtype), dict(zip(params, reversed(grads), strict=True))
+
+    def verify_inputs(self) -> None:
+        """Finishes the per-call check started by :meth:`value_and_grad` (once)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.verify()
+
+
+class _Reducer:
+    """Sums ``[term, *reversed(params' grads)]`` over ranks in buckets, launched in order.
+
+    Items are numbered in the order backward produces gradients (last layer first), with the
+    loss term as item 0. Bucket ``k`` starts once all its items are ready and buckets
+    ``0..k-1`` have started, so every rank launches the same buckets in the same order even if
+    its gradients arrive in another order.
+    """
+
+    _plans: ClassVar[dict[tuple, tuple[list[list[int]], list[int]]]] = {}
+
+    def __init__(self, backend: DistributedBackend, term: torch.Tensor,
+                 leaves: list[torch.Tensor]) -> None:
+        self.backend, self.comm = backend, backend.comm()
+        # the loss travels in the params' dtype, so every replica's buckets match
+        loss = term.detach().to(leaves[0].dtype)
+        self.like = [loss, *reversed(leaves)]
+        self.buckets, self.owner = self._plan(self.like, backend.bucket_bytes)
+        self.values: list[torch.Tensor | None] = [loss, *([None] * len(leaves))]
+        self.missing = [len(b) for b in self.buckets]
+        self.missing[self.owner[0]] -= 1
+        self.launched: list[tuple[Any, torch.Tensor]] = []
+
+    @classmethod
+    def _plan(cls, like: list[torch.Tensor], bucket_bytes: int) -> tuple[list, list]:
+        key = (bucket_bytes, *((x.dtype, x.numel()) for x in like))
+        plan = cls._plans.get(key)
+        if plan is None:
+            buckets = plan_buckets(like, bucket_bytes, min(bucket_bytes, FIRST_BUCKET_BYTES))
+            owner = [0] * len(like)
+            for b, idx in enumerate(buckets):
+                for i in idx:
+                    owner[i] = b
+            if len(cls._plans) > 256:
+                cls._plans.clear()
+            plan = cls._plans[key] = (buckets, owner)
+        return plan
+
+    def hook(self, item: int) -> Callable[[torch.Tensor], None]:
+        return lambda p: self.ready(item, p.grad)
+
+    def ready(self, item: int, grad: torch.Tensor | None) -> None:
+        self.values[item] = grad
+        self.missing[self.owner[item]] -= 1
+        self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        while len(self.launched) < len(self.buckets) and self.missing[len(self.launched)] == 0:
+            self.backend.verify_inputs()
+            idx = self.buckets[len(self.launched)]
+            values = [self._value(i) for i in idx]
+            self.launched.append(self.comm.launch(values, list(range(len(idx))), "sum"))
+
+    def _value(self, item: int) -> torch.Tensor:
+        v = self.values[item]
+        return torch.zeros_like(self.like[item]) if v is None else v
+
+    def finish(self) -> list[torch.Tensor]:
+        """Launches what is left (unused params count as zero) and waits for every bucket."""
+        for b in range(len(self.buckets)):
+            self.missing[b] = 0
+        self._launch_ready()
+        out: list[torch.Tensor | None] = [None] * len(self.like)
+        for idx, (work, flat) in zip(self.buckets, self.launched, strict=True):
+            parts = self.comm.finish(work, flat, "sum", "value_and_grad",
+                                     [self.like[i] for i in idx])
+            for i, part in zip(idx, parts, strict=True):
+                out[i] = part
+        return out  # type: ignore[return-value]
+
+
+def _describe(plan: Any, params: dict, batch: Any) -> list[str]:
+    layout = plan.layout
+    parts = [f"strategy={plan.strategy}", f"split={list(layout.sizes)} at dim={layout.dim}"]
+    parts += [f"params[{k!r}]: {_kind(v)}" for k, v in params.items()]
+    parts += [f"{path}: {_kind(x) if isinstance(x, torch.Tensor) else type(x).__name__}"
+              for path, x in _tree.leaves_with_path(batch, "batch")]
+    return parts
+
+
+def _kind(x: torch.Tensor) -> str:
+    return f"{str(x.dtype).removeprefix('torch.')}{list(x.shape)}"
+
+
+def _default_device(group: Any) -> torch.device:
+    """``cuda:<local rank>`` on an NCCL group, else the CPU."""
+    if "nccl" in str(dist.get_backend(group)).lower() and torch.cuda.is_available():
+        local = os.environ.get("LOCAL_RANK")
+        return torch.device("cuda", int(local) if local is not None
+                            else torch.cuda.current_device())
+    return torch.device("cpu")
