@@ -1,0 +1,1 @@
+"""Tests of fdp.testing: its strategies, assert_dp_equivalent and its diagnostics."""
