@@ -63,8 +63,10 @@ def functionalize(module: nn.Module) -> Model:
         # Copies are what the module may update in place; the caller's tensors stay untouched.
         new_buffers = {k: v.clone() for k, v in buffers.items()}
         if torch.compiler.is_compiling():
-            out = functional_call(module, (params, new_buffers), args, kwargs,
-                                  tie_weights=True, strict=True)
+            # one dict: functional_call writes buffers the module re-assigns back into it
+            state = {**params, **new_buffers}
+            out = functional_call(module, state, args, kwargs, tie_weights=True, strict=True)
+            new_buffers = {k: state[k] for k in new_buffers}
         else:
             with instances.borrow() as (mod, slots):
                 out = _call_with(mod, slots, params, new_buffers, args, kwargs)

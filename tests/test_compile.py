@@ -112,3 +112,15 @@ def test_compiled_grad_through_psum(fullgraph):
             assert_close(out, fn(w), F64_REL)
     assert_close(outer(w), x.sum() ** 2, F64_REL)
     assert_close(inner(w), x.sum() * x, F64_REL)
+
+
+def test_compiled_apply_keeps_buffers_the_module_reassigns():
+    """SyncBatchNorm replaces its buffers instead of writing into them; compiled apply must
+    return the replacements, as eager apply does."""
+    net = fdp.nn.convert_sync_batchnorm(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)))
+    model = fdp.functionalize(net)
+    x = torch.randn(8, 3)
+    eager = model.apply(model.params, model.buffers, x)[1]
+    compiled = torch.compile(model.apply)(model.params, model.buffers, x)[1]
+    assert int(compiled["1.num_batches_tracked"]) == 1
+    torch.testing.assert_close(compiled, eager)

@@ -105,6 +105,8 @@ class VmapBackend(Backend):
             return [index, offsets, *bufs, *shard]
 
         comm = None if len(groups) == 1 else _GroupsCannotCommunicate(plan.layout)
+        # Replicas without rows do not run: the axis the collectives see is the one group.
+        axis_size = groups[0][1] if len(groups) == 1 else self.size
 
         def per_replica(fn: Callable[..., Any]) -> Callable[..., Any]:
             def run(index: torch.Tensor, offset: torch.Tensor, *tensors: torch.Tensor) -> Any:
@@ -112,7 +114,7 @@ class VmapBackend(Backend):
                 it = iter(tensors[len(buffer_keys):])
                 shard = [next(it) if d is not None else leaf
                          for leaf, d in zip(leaves, dims, strict=True)]
-                frame = AxisFrame(plan.axis_name, self.size, index, comm=comm, offset=offset)
+                frame = AxisFrame(plan.axis_name, axis_size, index, comm=comm, offset=offset)
                 with bind_axis(frame):
                     return fn(_tree.unflatten(shard, treedef), bufs)
             return run
