@@ -25,13 +25,14 @@ from fdp.testing._trace import Finding, Tracer, difference
 __all__ = ["diagnose"]
 
 
-def diagnose(spec: Spec, sizes: tuple[int, ...], bad_buffers: list[str],
-             raised: bool) -> list[str]:
+def diagnose(spec: Spec, sizes: tuple[int, ...], bad_buffers: list[str], raised: bool,
+             backend: str = "vmap") -> list[str]:
     """Lines that explain the difference, most specific first (never empty).
 
-    ``raised``: the data-parallel run raised (rather than giving other numbers).
+    ``raised``: the data-parallel run raised (rather than giving other numbers);
+    ``backend``: the mesh's (the vmap backend's ``"sync"`` needs equal shards).
     """
-    split_even = len(set(sizes)) == 1
+    split_even = backend != "vmap" or len(set(sizes)) == 1
     module, params, buffers, per_layer = _target(spec)
     runner = _Runner(module, params, buffers, spec)
     reference = runner.reference()

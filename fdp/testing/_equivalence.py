@@ -14,7 +14,7 @@ from fdp._mesh import Mesh
 from fdp.testing._diagnose import diagnose
 from fdp.testing._runs import Trajectory, data_parallel, single_device
 from fdp.testing._spec import FN, Spec, cuda_indices, make_spec, meshes
-from fdp.testing._trace import difference
+from fdp.testing._trace import difference, scale
 
 __all__ = ["assert_dp_equivalent"]
 
@@ -121,10 +121,10 @@ def _compare(actual: Trajectory, expected: Trajectory, spec: Spec) -> list[Misma
 
 
 def _differ(label: str, actual: Any, expected: Any, spec: Spec,
-            buffer: str | None = None) -> list[Mismatch]:
+            buffer: str | None = None, floor: float = 0.0) -> list[Mismatch]:
     if not isinstance(actual, torch.Tensor):
         return [Mismatch(label, buffer, f"got {type(actual).__name__}")]
-    diff = difference(actual, expected, spec.rtol, spec.atol)
+    diff = difference(actual, expected, spec.rtol, spec.atol, floor)
     return [] if diff is None else [Mismatch(label, buffer, diff)]
 
 
@@ -133,10 +133,10 @@ def _differ_dict(root: str, actual: dict, expected: dict, spec: Spec,
     if actual.keys() != expected.keys():
         return [Mismatch(root + suffix, None, f"keys {sorted(actual)} vs single-device "
                                               f"{sorted(expected)}")]
-    found = []
+    found, floor = [], scale(expected)
     for key, e in expected.items():
         buffer = key if root == "buffers" else None
-        found += _differ(f"{root}[{key!r}]{suffix}", actual[key], e, spec, buffer)
+        found += _differ(f"{root}[{key!r}]{suffix}", actual[key], e, spec, buffer, floor)
     return found
 
 
@@ -147,12 +147,12 @@ def _check_mesh(spec: Spec, mesh: Mesh, sizes: tuple[int, ...], expected: Trajec
         head = (f"data-parallel training raised {type(e).__name__} where single-device "
                 f"training runs: {_first_line(e)}")
         raise AssertionError(_report(spec, mesh, sizes, head, [],
-                                     diagnose(spec, sizes, [], raised=True))) from e
+                                     diagnose(spec, sizes, [], True, mesh.backend))) from e
     found = _compare(actual, expected, spec)
     if found:
         head = "data-parallel training differs from single-device training"
         bad_buffers = list(dict.fromkeys(m.buffer for m in found if m.buffer is not None))
-        culprits = diagnose(spec, sizes, bad_buffers, raised=False)
+        culprits = diagnose(spec, sizes, bad_buffers, False, mesh.backend)
         raise AssertionError(_report(spec, mesh, sizes, head, found, culprits))
 
 

@@ -31,8 +31,13 @@ def tolerance(dtype: torch.dtype, rtol: float | None, atol: float | None) -> tup
 
 
 def difference(actual: torch.Tensor, expected: torch.Tensor, rtol: float | None,
-               atol: float | None) -> str | None:
-    """None when close, else a short description (max abs difference vs tolerance)."""
+               atol: float | None, floor: float = 0.0) -> str | None:
+    """None when close, else a short description (max abs difference vs tolerance).
+
+    Close: ``max|actual - expected| <= rtol * max(max|expected|, floor) + atol``. ``floor``
+    is the scale of the related tensors (e.g. all gradients): a value that is zero by
+    cancellation (a conv bias before BatchNorm) carries the rounding of the terms that cancel.
+    """
     if actual.shape != expected.shape or actual.dtype != expected.dtype:
         return (f"{actual.dtype}{list(actual.shape)} vs single-device "
                 f"{expected.dtype}{list(expected.shape)}")
@@ -43,10 +48,17 @@ def difference(actual: torch.Tensor, expected: torch.Tensor, rtol: float | None,
         return None
     r, t = tolerance(e.dtype, rtol, atol)
     err = (a - e).abs().max().item()
-    scale = e.abs().max().item()
+    scale = max(e.abs().max().item(), floor)
     if err <= r * scale + t and not (torch.isnan(a) ^ torch.isnan(e)).any():
         return None
     return f"max abs difference {err:.3e} > tolerance {r * scale + t:.3e} (scale {scale:.3e})"
+
+
+def scale(tensors: Any) -> float:
+    """The largest magnitude among the floating-point tensors in ``tensors`` (0 if none)."""
+    values = [x.detach().abs().max().item() for x in pytree.tree_leaves(tensors)
+              if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel()]
+    return max(values, default=0.0)
 
 
 class Finding(NamedTuple):

@@ -107,3 +107,21 @@ def test_sum_reduction():
     batch = (torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64))
     assert_dp_equivalent(net, lambda out, b: ((out - b[1]) ** 2).sum(), batch, fdp.Mesh(3),
                          reduction="sum", steps=2, optimizer=fdp.optim.sgd(0.01))
+
+
+def _threads_mesh(n: int) -> fdp.Mesh:
+    try:
+        return fdp.Mesh(devices=["cpu"] * n)
+    except NotImplementedError:  # pragma: no cover - backends without threads
+        pytest.skip("the threads backend is not available")
+
+
+def test_threads_backend():
+    mesh = _threads_mesh(3)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    assert_dp_equivalent(net, mse, regression_batch(10), mesh, steps=2)
+    with pytest.raises(AssertionError) as info:
+        assert_dp_equivalent(BNNet().double(), mse, regression_batch(10), mesh,
+                             buffer_policy="replica0")
+    assert "BatchNorm1d at 'encoder.bn' uses per-replica" in str(info.value)
+    assert "equal shards" not in str(info.value)  # uneven shards are fine for 'sync' on threads

@@ -114,3 +114,8 @@ def test_bad_arguments():
 
 def test_strategies_attribute_is_the_module():
     assert fdp.testing.strategies is fst
+
+
+@given(fst.meshes(2, 3, backends=["threads"]))
+def test_meshes_threads_backend(mesh):
+    assert mesh.backend == "threads" and mesh.size in (2, 3)
