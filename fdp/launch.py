@@ -240,7 +240,11 @@ def _collect(procs: list, conns: list, ranks: list[int], deadline: float, timeou
                 errors[rank] = value
                 stop_at = min(stop_at, time.monotonic() + _GRACE_S)
     if errors:
-        first = next(iter(errors))  # the first to arrive: the others usually failed because of it
+        from fdp.backends._dist_comm import PeerFailure
+
+        # the cause: the first to arrive that did not fail because a peer did
+        first = next((r for r, e in errors.items() if not isinstance(e, PeerFailure)),
+                     next(iter(errors)))
         error = errors[first]
         others = [f"rank {r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                   for r, e in sorted(errors.items()) if r != first]

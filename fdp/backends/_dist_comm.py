@@ -29,6 +29,14 @@ FIRST_BUCKET_BYTES = 1 << 20  # as DDP: a small first bucket starts communicatio
 _gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+class PeerFailure(RuntimeError):
+    """A collective failed because another rank failed, exited or closed its connection."""
+
+
+class PeerTimeout(PeerFailure, TimeoutError):
+    """A collective waited longer than the mesh's timeout for the other ranks."""
+
+
 class DistComm(Communicator):
     """Collectives over ``group`` for the calling process, which is replica ``index()``.
 
@@ -67,17 +75,17 @@ class DistComm(Communicator):
         except RuntimeError as e:
             raise self.failure(fn, e) from e
 
-    def failure(self, fn: str, error: BaseException) -> Exception:
+    def failure(self, fn: str, error: BaseException) -> PeerFailure:
         text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         where = f"replica {self.rank} of {self.size} (global rank {dist.get_rank()})"
         if "timed out" in str(error).lower() or "timeout" in str(error).lower():
-            return TimeoutError(
+            return PeerTimeout(
                 f"{fn} on a distributed mesh: {where} waited {self.timeout:g} s for the other "
                 f"ranks (fdp.Mesh.distributed(timeout=...)); another rank failed, exited or is "
                 f"stuck before this collective. The process group is unusable now: exit and "
                 f"restart ({text})"
             )
-        return RuntimeError(
+        return PeerFailure(
             f"{fn} on a distributed mesh failed in {where}: another rank exited or closed its "
             f"connection ({text}). The process group is unusable now: exit and restart"
         )

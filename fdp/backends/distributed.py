@@ -62,10 +62,11 @@ class DistributedBackend(SpmdBackend):
                 f"torch.distributed.init_process_group('gloo') (or 'nccl' on GPUs) in every "
                 f"process first (torchrun sets the environment it reads), or run the function "
                 f"with fdp.launch.run(fn, nprocs)")
-        if group is not None and not isinstance(group, dist.ProcessGroup):
+        outside = group is dist.GroupMember.NON_GROUP_MEMBER  # new_group's value on non-members
+        if not outside and group is not None and not isinstance(group, dist.ProcessGroup):
             raise TypeError(f"{fn}: group must be a torch.distributed ProcessGroup or None "
                             f"(the default group), got {type(group).__name__}")
-        if dist.get_rank(group) < 0:
+        if outside or dist.get_rank(group) < 0:
             raise ValueError(f"{fn}: this process (global rank {dist.get_rank()}) is not a "
                              f"member of the given group; build the mesh only on its members")
         for name, value in (("timeout", timeout), ("bucket_mb", bucket_mb)):

@@ -1,0 +1,157 @@
+"""The programs the distributed tests run: the same code on every backend.
+
+Each ``*_on`` function takes a mesh and returns plain tensors; the ``dist_*`` jobs build a
+distributed mesh on the pool's group and call the same function, so that a test compares one
+program across vmap, threads and distributed meshes. Jobs are module-level (picklable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import fdp
+import fdp.launch
+
+# --- models -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A small model and how it is trained (hashable, picklable, drawn by hypothesis)."""
+
+    d: int = 3
+    widths: tuple[int, ...] = (5,)
+    out: int = 2
+    act: str = "tanh"
+    loss: str = "mse"  # "mse" | "ce"
+    strategy: str = "weighted"  # "weighted" | "gather"
+    split: Any = "chunk"
+    opt: str = "sgd"  # "sgd" | "momentum" | "adam"
+
+
+def module(spec: Spec) -> nn.Module:
+    layers: list[nn.Module] = []
+    d = spec.d
+    for w in spec.widths:
+        layers += [nn.Linear(d, w), nn.Tanh() if spec.act == "tanh" else nn.Sigmoid()]
+        d = w
+    layers.append(nn.Linear(d, spec.out))
+    return nn.Sequential(*layers).double()
+
+
+def loss_fn(spec: Spec) -> Any:
+    model = fdp.functionalize(module(spec))
+
+    def forward(params: dict, batch: dict) -> torch.Tensor:
+        return model.apply(params, model.buffers, batch["x"])[0]
+
+    def criterion(out: torch.Tensor, batch: dict) -> torch.Tensor:
+        if spec.loss == "ce":
+            return nn.functional.cross_entropy(out, batch["y"])
+        return ((out - batch["t"]) ** 2).mean()
+
+    if spec.strategy == "gather":
+        return fdp.split_loss(forward, criterion)
+    return lambda params, batch: criterion(forward(params, batch), batch)
+
+
+def optimizer(spec: Spec) -> Any:
+    if spec.opt == "adam":
+        return fdp.optim.adam(0.05, eps=1e-3)  # eps keeps rounding noise in ~0 grads small
+    return fdp.optim.sgd(0.1, momentum=0.9 if spec.opt == "momentum" else 0.0)
+
+
+def train_on(mesh: fdp.Mesh, spec: Spec, params: dict, batches: list[dict]) -> dict:
+    """First-batch loss and grads, then per-step losses and the params after the steps."""
+    fn, opt = loss_fn(spec), optimizer(spec)
+    loss, grads = fdp.value_and_grad(fn, mesh, strategy=spec.strategy,
+                                     split=_split(spec.split))(params, batches[0])
+    step = fdp.data_parallel_step(fn, opt, mesh, strategy=spec.strategy,
+                                  split=_split(spec.split))
+    state = fdp.TrainState.create(params, opt)
+    losses = []
+    for batch in batches:
+        state, metrics = step(state, batch)
+        losses.append(metrics["loss"])
+    return {"loss": loss, "grads": grads, "losses": torch.stack(losses), "params": state.params}
+
+
+def train_single(spec: Spec, params: dict, batches: list[dict]) -> dict:
+    """The same training on one device, with torch.func and no mesh."""
+    fn, opt = loss_fn(spec), optimizer(spec)
+    grad_fn = torch.func.grad_and_value(fn)
+    grads, loss = grad_fn(params, batches[0])
+    state, current, losses = opt.init(params), dict(params), []
+    for batch in batches:
+        g, step_loss = grad_fn(current, batch)
+        updates, state = opt.update(g, state, current)
+        current = fdp.optim.apply_updates(current, updates)
+        losses.append(step_loss)
+    return {"loss": loss, "grads": grads, "losses": torch.stack(losses), "params": current}
+
+
+def _split(split: Any) -> Any:
+    return list(split) if isinstance(split, tuple) else split
+
+
+# --- collectives --------------------------------------------------------------------------------
+
+
+def collectives_on(mesh: fdp.Mesh, x: torch.Tensor, rows: torch.Tensor, axis: int) -> dict:
+    """Every collective inside pmap, under grad and vmap inside the replica too.
+
+    ``x`` has a leading axis of this process's replicas; ``rows`` is a global batch that
+    :func:`fdp.scatter` splits (unevenly when its size is not a multiple of the mesh size).
+    """
+
+    def body(v: torch.Tensor) -> dict:
+        return {
+            "psum": fdp.psum(v, "dp"), "pmean": fdp.pmean(v, "dp"),
+            "pmax": fdp.pmax(v, "dp"), "pmin": fdp.pmin(v, "dp"),
+            "all_gather": fdp.all_gather(v, "dp", axis=axis),
+            "tiled": fdp.all_gather(v, "dp", tiled=True),
+            "index": fdp.axis_index("dp"), "size": torch.tensor(fdp.axis_size("dp")),
+            "psum_int": fdp.psum(torch.ones((), dtype=torch.int64), "dp"),
+            "grad": torch.func.grad(lambda u: (fdp.psum(u, "dp") ** 2).sum()
+                                    + fdp.pmax(u.sin(), "dp").sum())(v),
+            "vmap": torch.func.vmap(lambda u: fdp.pmean(u * u, "dp"))(v),
+        }
+
+    out = fdp.pmap(body, mesh)(x)
+
+    def masked(batch: torch.Tensor) -> torch.Tensor:
+        mask = fdp._collectives.row_mask("dp")
+        keep = torch.ones(batch.shape[0], dtype=batch.dtype) if mask is None \
+            else mask.to(batch.dtype)
+        total = fdp.psum((batch.sum(-1) * keep).sum(), "dp")
+        return total / fdp.psum(keep.sum(), "dp") + batch * 0
+
+    sharded = fdp.scatter(rows, mesh)
+    out["masked"] = fdp.gather(fdp.pmap(masked, mesh)(sharded), mesh)
+    out["gathered"] = fdp.gather(sharded, mesh)
+    out["reduced"] = fdp.all_reduce(x, mesh, "mean", weights=sharded.layout.sizes)
+    out["replicated"] = fdp.unreplicate(fdp.replicate({"r": rows}, mesh), mesh)["r"]
+    return out
+
+
+# --- jobs (run in the pool's workers) -----------------------------------------------------------
+
+
+def mesh_here(**kwargs: Any) -> fdp.Mesh:
+    return fdp.Mesh.distributed(fdp.launch.current_group(), timeout=30, **kwargs)
+
+
+def dist_train(spec: Spec, params: dict, batches: list[dict], bucket_mb: float,
+               overlap: bool) -> dict:
+    return train_on(mesh_here(bucket_mb=bucket_mb, overlap=overlap), spec, params, batches)
+
+
+def dist_collectives(x: torch.Tensor, rows: torch.Tensor, axis: int) -> dict:
+    mesh = mesh_here()
+    rank = dist.get_rank(fdp.launch.current_group())
+    return collectives_on(mesh, x[rank:rank + 1], rows, axis)

@@ -1,0 +1,168 @@
+"""Failures on a distributed mesh: a rank that raises, dies or is stuck makes the others fail
+within the mesh's timeout (never a hang), and ranks that disagree on shapes get a clear error.
+
+Each test starts fresh processes (``fdp.launch.run``): a failure leaves a process group unusable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import fdp
+import fdp.launch
+from tests.distributed import jobs
+
+MESH_TIMEOUT = 3.0  # seconds a collective waits for the others
+RUN_TIMEOUT = 45.0  # bound on each whole test run
+
+
+def _mesh() -> fdp.Mesh:
+    return fdp.Mesh.distributed(timeout=MESH_TIMEOUT)
+
+
+def _psum_mapped(mesh: fdp.Mesh, x: torch.Tensor) -> torch.Tensor:
+    return fdp.pmap(lambda v: fdp.psum(v, "dp"), mesh)(x)
+
+
+def _stuck_rank(stuck: int) -> tuple:
+    """Rank ``stuck`` never reaches the collective; the others report how they failed."""
+    mesh = _mesh()
+    if dist.get_rank() == stuck:
+        time.sleep(MESH_TIMEOUT + 1.5)
+        return ("slept",)
+    start = time.monotonic()
+    try:
+        _psum_mapped(mesh, torch.ones(1, 3))
+    except Exception as e:
+        return type(e).__name__, str(e), time.monotonic() - start
+    return ("no error",)
+
+
+def test_a_stuck_rank_makes_the_others_time_out():
+    start = time.monotonic()
+    results = fdp.launch.run(_stuck_rank, 2, args=(1,), timeout=RUN_TIMEOUT)
+    name, message, waited = results[0]
+    assert name == "PeerTimeout", results[0]  # a TimeoutError
+    assert "psum" in message and f"{MESH_TIMEOUT:g} s" in message, message
+    assert MESH_TIMEOUT - 0.5 <= waited <= MESH_TIMEOUT + 3
+    assert results[1] == ("slept",)
+    assert time.monotonic() - start < RUN_TIMEOUT
+
+
+def _one_rank_raises() -> None:
+    mesh = _mesh()
+    if dist.get_rank() == 1:
+        raise KeyError("boom in rank 1")
+    _psum_mapped(mesh, torch.ones(1, 3))  # the peer is gone: this raises, naming psum
+
+
+def test_an_exception_in_one_rank_is_raised_with_its_rank_and_the_others_fail_fast():
+    start = time.monotonic()
+    with pytest.raises(KeyError, match="boom in rank 1") as info:
+        fdp.launch.run(_one_rank_raises, 2, timeout=RUN_TIMEOUT)
+    notes = "\n".join(info.value.__notes__)
+    assert "raised in rank 1 of 2" in notes and "_one_rank_raises" in notes  # remote traceback
+    assert "rank 0: " in notes and "psum" in notes  # the peer failed too, within the timeout
+    assert time.monotonic() - start < MESH_TIMEOUT + 10
+
+
+def _one_rank_dies() -> None:
+    mesh = _mesh()
+    if dist.get_rank() == 1:
+        os._exit(7)
+    loss_fn = jobs.loss_fn(jobs.Spec())
+    params = {k: v.detach() for k, v in jobs.module(jobs.Spec()).named_parameters()}
+    batch = {"x": torch.randn(6, 3, dtype=torch.float64),
+             "t": torch.randn(6, 2, dtype=torch.float64)}
+    fdp.value_and_grad(loss_fn, mesh)(params, batch)
+
+
+def test_a_rank_that_dies_is_reported_and_the_others_fail_within_the_timeout():
+    start = time.monotonic()
+    with pytest.raises(fdp.launch.RankFailed, match="rank 1 of 2 exited with exit code 7") as e:
+        fdp.launch.run(_one_rank_dies, 2, timeout=RUN_TIMEOUT)
+    assert time.monotonic() - start < MESH_TIMEOUT + 10
+    notes = "\n".join(getattr(e.value, "__notes__", []))
+    assert "rank 0" in notes and "value_and_grad" in notes, notes
+
+
+def _mismatched(kind: str) -> None:
+    mesh = _mesh()
+    rank = dist.get_rank()
+    if kind == "shape":
+        _psum_mapped(mesh, torch.ones(1, 2 + rank))
+    elif kind == "dtype":
+        _psum_mapped(mesh, torch.ones(1, 2, dtype=torch.float64 if rank else torch.float32))
+    elif kind == "op":
+        fn = (lambda v: fdp.psum(v, "dp")) if rank == 0 else (lambda v: fdp.all_gather(v, "dp"))
+        fdp.pmap(fn, mesh)(torch.ones(1, 2))
+    elif kind == "gather":
+        fdp.gather(fdp.scatter(torch.arange(4.0 + rank * 2), mesh), mesh)
+    elif kind == "batch":
+        spec = jobs.Spec()
+        params = {k: v.detach() for k, v in jobs.module(spec).named_parameters()}
+        batch = {"x": torch.randn(5 + rank, 3, dtype=torch.float64),
+                 "t": torch.randn(5 + rank, 2, dtype=torch.float64)}
+        fdp.value_and_grad(jobs.loss_fn(spec), mesh)(params, batch)
+    else:
+        spec = jobs.Spec(widths=(4 + rank,))
+        params = {k: v.detach() for k, v in jobs.module(spec).named_parameters()}
+        batch = {"x": torch.randn(6, 3, dtype=torch.float64),
+                 "t": torch.randn(6, 2, dtype=torch.float64)}
+        fdp.value_and_grad(jobs.loss_fn(spec), mesh)(params, batch)
+
+
+@pytest.mark.parametrize(("kind", "expected"), [
+    ("shape", r"psum: the ranks of the distributed mesh disagree: rank 0: float32\[2\], "
+              r"rank 1: float32\[3\]"),
+    ("dtype", r"rank 0: float32\[2\], rank 1: float64\[2\]"),
+    ("op", r"rank 0: psum, rank 1: all_gather"),
+    ("gather", r"all_gather: .*rank 0: float32\[2\], rank 1: float32\[3\]"),
+    ("batch", r"value_and_grad: .*rank 0: split=\[3, 2\] at dim=0, rank 1: split=\[3, 3\].*"
+              r"same global batch"),
+    ("params", r"value_and_grad: .*rank 0: params\['0.weight'\]: float64\[4, 3\], "
+               r"rank 1: params\['0.weight'\]: float64\[5, 3\]"),
+])
+def test_ranks_that_disagree_on_shapes_get_a_clear_error(kind, expected):
+    with pytest.raises(ValueError, match=expected) as info:
+        fdp.launch.run(_mismatched, 2, args=(kind,), timeout=RUN_TIMEOUT)
+    notes = "\n".join(info.value.__notes__)
+    assert re.search(r"other ranks failed too: rank [01]: ValueError", notes), notes
+
+
+def test_mesh_distributed_needs_an_initialized_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match=r"init_process_group\('gloo'\).*fdp.launch.run"):
+        fdp.Mesh.distributed()
+
+
+def _bad_arguments() -> list[str]:
+    messages = []
+    for kwargs in ({"timeout": 0}, {"bucket_mb": -1}, {"overlap": 1}, {"axis_name": ""},
+                   {"group": "world"}):
+        try:
+            fdp.Mesh.distributed(**kwargs)
+        except (TypeError, ValueError) as e:
+            messages.append(str(e))
+    group = dist.new_group([0])
+    if dist.get_rank() == 1:
+        try:
+            fdp.Mesh.distributed(group)
+        except ValueError as e:
+            messages.append(str(e))
+    return messages
+
+
+def test_bad_arguments_are_named():
+    messages = fdp.launch.run(_bad_arguments, 2, timeout=RUN_TIMEOUT)
+    assert len(messages[0]) == 5 and len(messages[1]) == 6
+    for want, got in zip(["timeout", "bucket_mb", "overlap", "axis_name", "group"], messages[1],
+                         strict=False):
+        assert got.startswith("Mesh.distributed: " + want), got
+    assert "not a member of the given group" in messages[1][5]
