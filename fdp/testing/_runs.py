@@ -11,7 +11,7 @@ from fdp._functionalize import Model, functionalize
 from fdp._grad import split_loss, value_and_grad
 from fdp._mesh import Mesh
 from fdp._train import TrainState, data_parallel_step
-from fdp.testing._spec import Spec, call_args
+from fdp.testing._spec import FN, Spec, call_args
 
 __all__ = ["Trajectory", "data_parallel", "single_device"]
 
@@ -56,7 +56,7 @@ class _SingleDevice:
             args, kwargs = call_args(spec.inputs(spec.batch))
             out = self.module(*args, **kwargs)
             self.buffers = {k: v.detach().clone() for k, v in self.module.named_buffers()}
-        return spec.loss_fn(out, spec.batch), self.buffers
+        return _scalar(spec.loss_fn(out, spec.batch)), self.buffers
 
     def set_params(self, new: dict[str, torch.Tensor]) -> None:
         if self.spec.module is None:
@@ -65,6 +65,15 @@ class _SingleDevice:
         with torch.no_grad():
             for k, p in self.params.items():
                 p.copy_(new[k])
+
+
+def _scalar(loss: Any) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.is_floating_point():
+        got = (f"{loss.dtype}{list(loss.shape)}" if isinstance(loss, torch.Tensor)
+               else type(loss).__name__)
+        raise ValueError(f"{FN}: loss_fn(outputs, batch) must return a floating-point scalar "
+                         f"tensor, got {got}; reduce it, e.g. with .mean()")
+    return loss
 
 
 def single_device(spec: Spec) -> Trajectory:
@@ -110,7 +119,7 @@ def _dp_loss(spec: Spec, model: Model) -> Any:
 
 
 def data_parallel(spec: Spec, mesh: Mesh) -> Trajectory:
-    model = spec.model or functionalize(copy.deepcopy(spec.module))
+    model = spec.model if spec.model is not None else functionalize(copy.deepcopy(spec.module))
     loss_fn = _dp_loss(spec, model)
     options = dict(split=spec.split, strategy=spec.strategy, reduction=spec.reduction,
                    randomness=spec.randomness, buffer_policy=spec.buffer_policy)

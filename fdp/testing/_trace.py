@@ -123,17 +123,14 @@ class Tracer:
         self.events: list[Event] = []
         self.findings: list[Finding] = []
         self.stack: list[tuple[str, nn.Module]] = []
-        self.modules: dict[str, nn.Module] = {}
         self._aligned = reference is not None
 
     def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         name = self.names[id(module)]
         parent = self.stack[-1] if self.stack else None
         self.stack.append((name, module))
-        self.modules[name] = module
-        forced = self._visit("in", name, (args, kwargs), lambda diff: self._input_finding(
-            parent, name, module, diff))
-        return forced
+        return self._visit("in", name, (args, kwargs),
+                           lambda diff: self._input_finding(parent, name, module, diff))
 
     def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         name, _ = self.stack.pop()

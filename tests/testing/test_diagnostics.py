@@ -50,6 +50,18 @@ def test_train_mode_batchnorm_is_named(mb, policy):
     assert len(culprits) == 1  # nothing else is blamed
 
 
+@given(mb=_SPLIT_MESHES, data=st.data())
+def test_drawn_models_with_train_mode_batchnorm_are_diagnosed(mb, data):
+    """Every drawn MLP/CNN with a train-mode BatchNorm fails, naming the layer at 'body.bn'."""
+    case = data.draw(fst.model_cases(["mlp", "cnn"], batch_size=mb.batch_size, batchnorm=True))
+    policy = data.draw(st.sampled_from([None, "replica0", "mean"]))
+    error = _failure(case.module, case.loss_fn, case.batch, mb.mesh, split=mb.split,
+                     inputs=case.inputs, buffer_policy=policy)
+    expected = "BatchNorm1d" if case.kind == "mlp" else "BatchNorm2d"
+    assert _culprits(error)[0].startswith(
+        f"{expected} at 'body.bn' uses per-replica batch statistics")
+
+
 def test_batchnorm_without_policy_chains_torch_error():
     error = _failure(BNNet().double(), mse, regression_batch(12), fdp.Mesh(4))
     assert isinstance(error.__cause__, RuntimeError)

@@ -106,6 +106,12 @@ def test_batch_without_a_default_input():
         assert_dp_equivalent(_NET, mse, {"features": _BATCH[0]})
 
 
+def test_loss_must_be_a_scalar():
+    with pytest.raises(ValueError, match=r"must return a floating-point scalar tensor, got "
+                                         r"torch.float64\[6, 2\]"):
+        assert_dp_equivalent(_NET, lambda out, b: (out - b[1]) ** 2, _BATCH)
+
+
 def test_single_device_errors_propagate_unchanged():
     def broken(out, batch):
         raise KeyError("label")
