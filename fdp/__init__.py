@@ -8,6 +8,7 @@ from fdp import interop, nn, optim, tree
 from fdp._accumulate import accumulate
 from fdp._checkpoint import load_checkpoint, save_checkpoint
 from fdp._collectives import all_gather, axis_index, axis_size, pmax, pmean, pmin, psum
+from fdp._data_parallel import DataParallel
 from fdp._functionalize import Model, functionalize
 from fdp._grad import SplitLoss, split_loss, value_and_grad
 from fdp._layout import Layout, Sharded
@@ -19,6 +20,7 @@ from fdp._train import TrainState, data_parallel_step
 __version__ = "0.1.0"
 
 __all__ = [
+    "DataParallel",
     "Layout",
     "Mesh",
     "Model",

@@ -93,6 +93,8 @@ class _Instances:
             instance = self.free.pop() if self.free else None
         if instance is None:
             instance = self._copy()
+        if instance[0] is not self.module:
+            _sync_attributes(self.module, instance[0])
         try:
             yield instance
         finally:
@@ -105,6 +107,18 @@ class _Instances:
         shared = {id(t): t for _, t in tensors}
         clone = copy.deepcopy(self.module, memo=dict(shared))
         return clone, _slots(clone)
+
+
+_OWN_STATE = frozenset({"_parameters", "_buffers", "_modules"})
+
+
+def _sync_attributes(original: nn.Module, copy_: nn.Module) -> None:
+    """Brings a structural copy up to date with the original's modes and plain attributes
+    (``.eval()``, a changed dropout ``p``), which may have changed since it was made."""
+    for src, dst in zip(original.modules(), copy_.modules(), strict=True):
+        for key, value in src.__dict__.items():
+            if key not in _OWN_STATE and dst.__dict__.get(key, _OWN_STATE) is not value:
+                dst.__dict__[key] = value
 
 
 _Slot = tuple[nn.Module, str, str, str]  # (owner, "_parameters" | "_buffers", attribute, key)

@@ -149,7 +149,7 @@ class Mesh:
 
     @property
     def backend(self) -> str:
-        """Backend name: ``"vmap"`` (more backends plug in behind the same interface)."""
+        """Backend name: ``"vmap"``, ``"threads"`` or ``"distributed"``."""
         return self._backend.name
 
     @property
@@ -170,6 +170,16 @@ class Mesh:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Mesh) and self._key() == other._key()
 
+    def __reduce__(self) -> tuple:
+        """Pickles as its constructor call (a threads mesh gets fresh threads on load)."""
+        if self.backend == "vmap":
+            return (_rebuild_vmap, (self._size, self._axis_name, str(self._devices[0])))
+        if self.backend == "threads":
+            return (_rebuild_threads, ([str(d) for d in self._devices], self._axis_name,
+                                       self._backend.timeout))
+        raise TypeError("a distributed Mesh cannot be pickled: it stands for this process's "
+                        "process group; build it with fdp.Mesh.distributed() where it is used")
+
     def __hash__(self) -> int:
         return hash(self._key())
 
@@ -185,3 +195,11 @@ def _check_size(n: Any) -> None:
         raise TypeError(f"Mesh: n must be an int, got {type(n).__name__}")
     if n <= 0:
         raise ValueError(f"Mesh: n must be ≥ 1 replicas, got n={n}")
+
+
+def _rebuild_vmap(n: int, axis_name: str, device: str) -> Mesh:
+    return Mesh(n, axis_name=axis_name, device=device)
+
+
+def _rebuild_threads(devices: list[str], axis_name: str, timeout: float) -> Mesh:
+    return Mesh(devices=devices, axis_name=axis_name, timeout=timeout)

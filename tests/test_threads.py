@@ -228,3 +228,42 @@ def test_mesh_arguments_are_checked():
     mesh = fdp.Mesh(devices=["cpu", "cpu"])
     assert (mesh.size, mesh.backend, mesh.devices) == (2, "threads", (torch.device("cpu"),) * 2)
     assert "threads" in repr(mesh)
+
+
+def test_torch_randomness_modes_on_threads():
+    mesh = threads_mesh(2)
+    x = torch.ones(2, 1000)
+    with pytest.raises(RuntimeError, match="randomness='error'"):
+        fdp.pmap(lambda v: torch.nn.functional.dropout(v, 0.5), mesh)(x)
+    with pytest.raises(ValueError, match="randomness='same' is not available"):
+        fdp.pmap(lambda v: v, mesh, randomness="same")(x)
+    out = fdp.pmap(lambda v: torch.nn.functional.dropout(v, 0.5), mesh,
+                   randomness="different")(x)
+    assert not torch.equal(out[0], out[1])
+    assert 0.4 < (out != 0).float().mean().item() < 0.6
+
+
+def test_apply_follows_mode_changes_on_threads():
+    """Replica threads use structural copies of the module; they follow .eval()/.train()."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5))
+    model = fdp.functionalize(net)
+    mesh = threads_mesh(3)
+    x = fdp.scatter(torch.randn(6, 3), mesh)
+
+    def run():
+        return fdp.gather(fdp.pmap(lambda xs: model.apply(model.params, model.buffers, xs)[0],
+                                   mesh, randomness="different")(x), mesh)
+
+    run()  # train mode: makes the copies
+    net.eval()
+    torch.testing.assert_close(run(), net(fdp.gather(x, mesh)))
+
+
+def test_meshes_pickle_as_their_constructor_call():
+    import pickle
+
+    mesh = pickle.loads(pickle.dumps(fdp.Mesh(devices=["cpu"] * 2, axis_name="b", timeout=7)))
+    assert (mesh.size, mesh.backend, mesh.axis_name, mesh.impl.timeout) == (2, "threads", "b", 7)
+    assert torch.equal(fdp.pmap(lambda v: fdp.psum(v, "b"), mesh)(torch.ones(2)),
+                       torch.full((2,), 2.0))
+    assert pickle.loads(pickle.dumps(fdp.Mesh(3, axis_name="x"))) == fdp.Mesh(3, axis_name="x")

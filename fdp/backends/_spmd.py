@@ -11,9 +11,10 @@ gradients with one bucketed all-reduce, as DDP does; each replica only ever sees
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from abc import abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -81,7 +82,8 @@ class SpmdBackend(Backend):
                                                                     strict=True)], dev)
             return list(body(torch.tensor(r, device=dev), *args))
 
-        results = self.run_replicas(replica)
+        with self.policed_randomness(randomness, "pmap"):
+            results = self.run_replicas(replica)
         return [self._stack([res[j] for res in results], f"output {j}")
                 for j in range(len(results[0]))]
 
@@ -106,8 +108,34 @@ class SpmdBackend(Backend):
             )
         step = _WeightedStep(self, plan, params, batch) if plan.strategy == "weighted" \
             else _GatheredStep(self, plan, params, batch)
-        results = [r for r in self.run_replicas(step.replica) if r is not None]
+        with self.policed_randomness(plan.randomness, "value_and_grad"):
+            results = [r for r in self.run_replicas(step.replica) if r is not None]
         return step.combine(results)
+
+    @contextlib.contextmanager
+    def policed_randomness(self, mode: str, fn: str) -> Iterator[None]:
+        """torch's own random ops draw from the process's global generators here, which the
+        replica threads share; ``"error"`` (the default) is enforced by checking that the
+        generators did not move, as vmap raises on the vmap backend."""
+        if mode == "same" and self.name == "threads":
+            raise ValueError(
+                f"{fn}: randomness='same' is not available on a threads mesh: its replicas "
+                f"share the process's generator. Draw with fdp.random keys (the same values on "
+                f"every backend) or use fdp.Mesh(n)"
+            )
+        if mode != "error":
+            yield
+            return
+        before = _generator_states(self.devices)
+        yield
+        if not all(torch.equal(a, b) for a, b in
+                   zip(before, _generator_states(self.devices), strict=True)):
+            raise RuntimeError(
+                f"{fn}: a random op (e.g. dropout) ran in a replica with randomness='error'. "
+                f"Pass randomness='different' (draws then depend on the backend and, on "
+                f"threads, on scheduling), or draw with fdp.random keys, which give the same "
+                f"values on every backend"
+            )
 
     def backward_and_reduce(self, comm: Communicator, term: torch.Tensor,
                             params: dict) -> tuple[torch.Tensor, dict]:
@@ -119,6 +147,13 @@ class SpmdBackend(Backend):
         grads = (torch.autograd.grad(term, list(params.values()), allow_unused=True)
                  if term.requires_grad else [None] * len(params))
         return _ReplicaStep.reduce_grads(comm, params, grads, term)
+
+
+def _generator_states(devices: Sequence[torch.device]) -> list[torch.Tensor]:
+    states = [torch.default_generator.get_state()]
+    for index in sorted({d.index or 0 for d in devices if d.type == "cuda"}):
+        states.append(torch.cuda.default_generators[index].get_state())
+    return states
 
 
 def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
