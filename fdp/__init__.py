@@ -4,7 +4,7 @@ Pure functions, explicit state, named-axis collectives, and proofs of equivalenc
 single-device training. See ``docs/index.md``.
 """
 
-from fdp import interop, nn, optim, tree
+from fdp import interop, nn, optim, testing, tree
 from fdp._accumulate import accumulate
 from fdp._checkpoint import load_checkpoint, save_checkpoint
 from fdp._collectives import all_gather, axis_index, axis_size, pmax, pmean, pmin, psum
@@ -48,6 +48,7 @@ __all__ = [
     "save_checkpoint",
     "scatter",
     "split_loss",
+    "testing",
     "tree",
     "unreplicate",
     "value_and_grad",

@@ -72,6 +72,7 @@ def functionalize(module: nn.Module) -> Model:
                 out = _call_with(mod, slots, params, new_buffers, args, kwargs)
         return out, new_buffers
 
+    apply.module = module  # type: ignore[attr-defined]  # for diagnostics (fdp.testing)
     return Model(apply, params, buffers)
 
 

@@ -72,11 +72,8 @@ class _ApplyModule(nn.Module):
 
 def _closure_module(apply: Callable[..., Any]) -> nn.Module | None:
     """The module behind an ``apply`` built by :func:`fdp.functionalize`, if there is one."""
-    for cell in getattr(apply, "__closure__", None) or ():
-        with contextlib.suppress(ValueError):  # an empty cell
-            if isinstance(cell.cell_contents, nn.Module):
-                return cell.cell_contents
-    return None
+    module = getattr(apply, "module", None)
+    return module if isinstance(module, nn.Module) else None
 
 
 def _target(spec: Spec) -> tuple[nn.Module, dict, dict, bool]:
