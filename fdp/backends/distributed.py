@@ -27,7 +27,16 @@ import torch.distributed as dist
 
 from fdp import _tree
 from fdp._layout import Layout
-from fdp.backends._dist_comm import FIRST_BUCKET_BYTES, DistComm, PendingCheck, plan_buckets
+from fdp.backends._dist_comm import (
+    FIRST_BUCKET_BYTES,
+    DistComm,
+    PeerFailure,
+    PeerTimeout,
+    PendingCheck,
+    plan_buckets,
+)
+
+__all__ = ["DistributedBackend", "PeerFailure", "PeerTimeout"]
 from fdp.backends._spmd import SpmdBackend
 
 
@@ -48,6 +57,7 @@ class DistributedBackend(SpmdBackend):
         self.devices = (device,) * self.size
         self.timeout = timeout
         self.bucket_bytes = bucket_bytes
+        self.first_bucket_bytes = min(bucket_bytes, FIRST_BUCKET_BYTES)
         self.overlap = overlap
         self._pending: PendingCheck | None = None
 
@@ -185,18 +195,20 @@ class _Reducer:
         # the loss travels in the params' dtype, so every replica's buckets match
         loss = term.detach().to(leaves[0].dtype)
         self.like = [loss, *reversed(leaves)]
-        self.buckets, self.owner = self._plan(self.like, backend.bucket_bytes)
+        self.buckets, self.owner = self._plan(self.like, backend.bucket_bytes,
+                                              backend.first_bucket_bytes)
         self.values: list[torch.Tensor | None] = [loss, *([None] * len(leaves))]
         self.missing = [len(b) for b in self.buckets]
         self.missing[self.owner[0]] -= 1
         self.launched: list[tuple[Any, torch.Tensor]] = []
 
     @classmethod
-    def _plan(cls, like: list[torch.Tensor], bucket_bytes: int) -> tuple[list, list]:
-        key = (bucket_bytes, *((x.dtype, x.numel()) for x in like))
+    def _plan(cls, like: list[torch.Tensor], bucket_bytes: int,
+              first_bytes: int) -> tuple[list, list]:
+        key = (bucket_bytes, first_bytes, *((x.dtype, x.numel()) for x in like))
         plan = cls._plans.get(key)
         if plan is None:
-            buckets = plan_buckets(like, bucket_bytes, min(bucket_bytes, FIRST_BUCKET_BYTES))
+            buckets = plan_buckets(like, bucket_bytes, first_bytes)
             owner = [0] * len(like)
             for b, idx in enumerate(buckets):
                 for i in idx:

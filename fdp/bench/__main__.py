@@ -8,6 +8,9 @@ Measures (each ratio from candidates timed interleaved in the same run):
            larger batches so that activations dominate)
   jax      compiled fdp DP step (N=8) / jitted JAX value_and_grad and / jitted JAX vmap+pmean
            step, same MLP weights and batch (needs JAX: pip install "fdp[jax]"; else skipped)
+  distributed  fdp data_parallel_step on Mesh.distributed / DDP, gloo, 2 ranks x 1 thread,
+           MLP with 128 rows per rank (fresh processes per run, --runs runs)
+  threads  fdp value_and_grad on the threads backend (["cpu"] * 2) / the vmap backend (Mesh(2))
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ from typing import Any
 
 import torch
 
-from fdp.bench import _memory, _models
+from fdp.bench import _distributed, _memory, _models
 from fdp.bench._timing import time_interleaved
 
-SECTIONS = ("eager", "sweep", "compile", "memory", "jax")
+SECTIONS = ("eager", "sweep", "compile", "memory", "jax", "distributed", "threads")
 
 
 def _row(table: list, measure: str, name: str, stats: dict, base: dict | None) -> None:
@@ -126,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=SECTIONS, action="append", help="run only these sections")
     p.add_argument("--workload", choices=sorted(_models.WORKLOADS), action="append")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--runs", type=int, default=None, help="distributed: runs (default 3)")
     args = p.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 30)
     sizes = [2, 8] if args.quick else [2, 4, 8, 16, 32]
@@ -142,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         bench_memory(workloads, [8] if args.quick else [2, 8, 32], table)
     if "jax" in sections:
         bench_jax(rounds, 8, table)
+    if "distributed" in sections:
+        _distributed.bench_distributed(max(rounds, 5), args.runs or (1 if args.quick else 3),
+                                       table)
+    if "threads" in sections:
+        _distributed.bench_threads(rounds, table)
     _print(table)
     if args.json:
         meta = {"torch": torch.__version__, "python": platform.python_version(),
