@@ -4,7 +4,7 @@ Pure functions, explicit state, named-axis collectives, and proofs of equivalenc
 single-device training. See ``docs/index.md``.
 """
 
-from fdp import interop, nn, optim, testing, tree
+from fdp import interop, nn, optim, random, testing, tree
 from fdp._accumulate import accumulate
 from fdp._checkpoint import load_checkpoint, save_checkpoint
 from fdp._collectives import all_gather, axis_index, axis_size, pmax, pmean, pmin, psum
@@ -44,6 +44,7 @@ __all__ = [
     "pmean",
     "pmin",
     "psum",
+    "random",
     "replicate",
     "save_checkpoint",
     "scatter",

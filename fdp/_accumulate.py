@@ -63,7 +63,7 @@ def accumulate(
     if isinstance(split, str):
         split_sizes(1, 1, split, "accumulate")
 
-    def run(params: Any, batch: Any, *args: Any) -> tuple[Any, Any]:
+    def run(params: Any, batch: Any, *args: Any, key: Any = None) -> tuple[Any, Any]:
         rows = batch_size(batch, dim, "accumulate")
         sizes = split_sizes(rows, microbatches, split, "accumulate")
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
@@ -72,7 +72,9 @@ def accumulate(
             if size == 0:
                 continue
             micro = _slice(batch, dim, start, size)
-            out, g = value_and_grad_fn(params, micro, *args)
+            # one key for every slice: keyed layers count rows from the full batch's first row
+            keyed = {} if key is None else {"key": key, "row_offset": start}
+            out, g = value_and_grad_fn(params, micro, *args, **keyed)
             if has_aux and not (isinstance(out, tuple) and len(out) == 2):
                 raise TypeError("accumulate: with has_aux=True, value_and_grad_fn must return "
                                 f"((loss, aux), grads), got ({type(out).__name__}, grads)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -60,14 +61,25 @@ class GradPlan:
     buffers: dict[str, torch.Tensor] | None = None  # with a buffer policy: the step's input
     buffer_policy: str | None = None
     axis_name: str = "dp"
+    key: torch.Tensor | None = None  # fdp.random key the replicas' random layers draw from
+    row_offset: int = 0  # first row of this batch in a larger one (accumulate's slices)
+
+    def keyed(self) -> Any:
+        """The key context every replica's forward runs in (none without a key)."""
+        if self.key is None:
+            return contextlib.nullcontext()
+        from fdp.random import key_context
+
+        return key_context(self.key, row_offset=self.row_offset)
 
     def call_loss(self, params: Any, shard: Any, buffers: Any = None) -> tuple[Any, Any, Any]:
         """``(loss, aux, new_buffers)`` of one replica (``aux``/``new_buffers`` may be None)."""
-        if self.buffer_policy is None:
-            out, new_buffers = self.loss(params, shard, *self.args), None
-        else:
-            out, new_buffers = _split_buffers(self.loss(params, buffers, shard, *self.args),
-                                              buffers)
+        with self.keyed():
+            if self.buffer_policy is None:
+                out, new_buffers = self.loss(params, shard, *self.args), None
+            else:
+                out, new_buffers = _split_buffers(self.loss(params, buffers, shard, *self.args),
+                                                  buffers)
         out = _checked_loss(out, self.has_aux, "loss_fn")
         if not self.has_aux:
             return out, None, new_buffers
@@ -81,7 +93,8 @@ class GradPlan:
         return out[0], out[1], new_buffers
 
     def call_forward(self, params: Any, shard: Any) -> Any:
-        return self.loss.forward(params, shard, *self.args)
+        with self.keyed():
+            return self.loss.forward(params, shard, *self.args)
 
     def call_criterion(self, outputs: Any, batch: Any) -> Any:
         return _checked_loss(self.loss.criterion(outputs, batch, *self.args), self.has_aux,
@@ -180,6 +193,11 @@ def value_and_grad(
             ``((loss, new_buffers), grads)``. Collectives inside ``loss_fn`` (e.g.
             :class:`fdp.nn.SyncBatchNorm`) see ``mesh.axis_name``.
 
+    The returned function also takes keyword-only ``key`` (an :mod:`fdp.random` key: every
+    replica's ``loss_fn`` runs in ``fdp.random.key_context(key)``, so keyed layers such as
+    :class:`fdp.nn.Dropout` draw per-example values that equal a single-device run's) and
+    ``row_offset`` (the batch's first row in a larger batch; :func:`fdp.accumulate` sets it).
+
     Example:
         >>> model = fdp.functionalize(torch.nn.Linear(3, 1))
         >>> def loss_fn(params, batch):
@@ -214,7 +232,8 @@ def value_and_grad(
     split_key = split if isinstance(split, str) else tuple(split)
     device = mesh.devices[0]
 
-    def plan_for(params: dict, batch: Any, args: tuple, buffers: Any) -> GradPlan:
+    def plan_for(params: dict, batch: Any, args: tuple, buffers: Any, key: Any,
+                 row_offset: int) -> GradPlan:
         # Fast checks first; the thorough ones (which name key paths) run only on failure.
         if not _params_ok(params, device):
             _check_params(params, mesh)
@@ -222,19 +241,28 @@ def value_and_grad(
         if rows is None:
             rows = _checked_rows(batch, mesh, dim)
         layout = _layout(rows, mesh.size, split_key, dim)
+        if key is not None:
+            from fdp.random import _key_words
+
+            _key_words(key, "value_and_grad")
+        _check.integer(row_offset, "value_and_grad", "row_offset")
         return GradPlan(loss_fn, strategy, has_aux, reduction, layout, dim, args, randomness,
-                        buffers, buffer_policy, mesh.axis_name)
+                        buffers, buffer_policy, mesh.axis_name, key, row_offset)
 
     if buffer_policy is None:
-        def run(params: dict[str, torch.Tensor], batch: Any, *args: Any) -> tuple[Any, dict]:
-            return _call_backend(mesh, plan_for(params, batch, args, None), params, batch)
+        def run(params: dict[str, torch.Tensor], batch: Any, *args: Any,
+                key: torch.Tensor | None = None, row_offset: int = 0) -> tuple[Any, dict]:
+            plan = plan_for(params, batch, args, None, key, row_offset)
+            return _call_backend(mesh, plan, params, batch)
 
         return run
 
     def run_with_buffers(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-                         batch: Any, *args: Any) -> tuple[Any, dict]:
+                         batch: Any, *args: Any, key: torch.Tensor | None = None,
+                         row_offset: int = 0) -> tuple[Any, dict]:
         _check.param_dict(buffers, "value_and_grad", "buffers")
-        return _call_backend(mesh, plan_for(params, batch, args, buffers), params, batch)
+        plan = plan_for(params, batch, args, buffers, key, row_offset)
+        return _call_backend(mesh, plan, params, batch)
 
     return run_with_buffers
 

@@ -84,6 +84,7 @@ def data_parallel_step(
     with_buffers: bool = False,
     buffer_policy: str | None = None,
     randomness: str = "error",
+    key: torch.Tensor | None = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]:
     """Builds ``step(state, batch) -> (new_state, metrics)``: one data-parallel update.
 
@@ -104,6 +105,10 @@ def data_parallel_step(
             them one after another (the same update as the full batch, less memory). Needs a
             loss that is a mean (or sum) of per-example terms, so not ``strategy="gather"``,
             and a named ``split`` rule (explicit sizes would describe one slice, not all).
+        key: an :mod:`fdp.random` key for keyed random layers (:class:`fdp.nn.Dropout`):
+            step ``t`` uses ``fdp.random.fold_in(key, t)``, in every replica, so a run is
+            reproducible, resumes from a checkpoint with the same masks, and equals
+            single-device training with the same key on every backend (docs/randomness.md).
         with_buffers: pass ``state.buffers`` to ``loss_fn`` (read-only: e.g. BatchNorm in eval
             mode; restored checkpoints then reach the model).
         buffer_policy: for layers that update buffers in training (BatchNorm):
@@ -132,6 +137,10 @@ def data_parallel_step(
         (1, 10)
     """
     from fdp.optim import apply_updates
+    from fdp.random import _key_words, fold_in
+
+    if key is not None:
+        _key_words(key, "data_parallel_step")
 
     _check_optimizer(optimizer, "data_parallel_step")
     _check.callable_(loss_fn, "data_parallel_step", "loss_fn")
@@ -163,10 +172,12 @@ def data_parallel_step(
             raise TypeError(f"step: state must be an fdp.TrainState, got "
                             f"{type(state).__name__}; build one with fdp.TrainState.create")
         buffers = state.buffers
+        keyed = {} if key is None else {"key": fold_in(key, state.step)}
         if buffer_policy is not None:
-            (out, buffers), grads = grad_fn(state.params, state.buffers, batch)
+            (out, buffers), grads = grad_fn(state.params, state.buffers, batch, **keyed)
         else:
-            out, grads = grad_fn(state.params, batch, *((buffers,) if with_buffers else ()))
+            out, grads = grad_fn(state.params, batch, *((buffers,) if with_buffers else ()),
+                                 **keyed)
         loss, aux = out if has_aux else (out, None)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_state = state._replace(params=apply_updates(state.params, updates),

@@ -303,7 +303,8 @@ class _GatheredStep(_ReplicaStep):
         mask = (torch.arange(layout.max_size) < layout.sizes[r]).to(dev)
         frame = dataclasses.replace(frame, mask=mask)
         with bind_axis(frame):
-            outputs = plan.call_forward(params, self.shard(r, dev, rows))
+            shard = self.shard(r, dev, rows)
+            outputs = _key_on(plan, shard).call_forward(params, shard)
             gathered = _tree.map_with_path(
                 lambda path, x: _gather_rows(x, frame, plan.out_dim, layout, path), outputs,
                 root="out")
@@ -332,7 +333,17 @@ class _GatheredStep(_ReplicaStep):
 def _call_loss(plan: Any, params: dict, shard: Any, buffers: Any, args: tuple) -> tuple:
     if args is not plan.args:
         plan = dataclasses.replace(plan, args=args)
-    return plan.call_loss(params, shard, buffers)
+    return _key_on(plan, shard).call_loss(params, shard, buffers)
+
+
+def _key_on(plan: Any, shard: Any) -> Any:
+    """The plan with its random key on the replica's device (one copy per replica)."""
+    if plan.key is None:
+        return plan
+    device = next((x.device for x in _tree.flatten(shard)[0] if isinstance(x, torch.Tensor)),
+                  plan.key.device)
+    return plan if plan.key.device == device else dataclasses.replace(plan,
+                                                                      key=plan.key.to(device))
 
 
 def _gather_rows(x: Any, frame: AxisFrame, dim: int, layout: Any, path: str) -> torch.Tensor:

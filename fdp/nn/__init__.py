@@ -4,6 +4,15 @@ See ``docs/batchnorm.md``.
 """
 
 from fdp.nn._convert import SyncBatchNorm, convert_sync_batchnorm
+from fdp.nn._dropout import Dropout, convert_dropout, dropout
 from fdp.nn._sync_batch_norm import BatchNormResult, sync_batch_norm
 
-__all__ = ["BatchNormResult", "SyncBatchNorm", "convert_sync_batchnorm", "sync_batch_norm"]
+__all__ = [
+    "BatchNormResult",
+    "Dropout",
+    "SyncBatchNorm",
+    "convert_dropout",
+    "convert_sync_batchnorm",
+    "dropout",
+    "sync_batch_norm",
+]
