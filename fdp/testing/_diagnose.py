@@ -259,8 +259,9 @@ def _random_line(where: str, module: nn.Module | None) -> str:
         "(random numbers in its forward)"
     return (f"{where} {what}: under data parallelism each replica draws its own values, so "
             f"training equals single-device training only in distribution. Check equivalence "
-            f"in eval mode (model.eval()) and test the random layer statistically; DP training "
-            f"with it needs randomness='different'")
+            f"in eval mode (model.eval()), or make it keyed: fdp.nn.convert_dropout(model) with "
+            f"a key (data_parallel_step(..., key=fdp.random.key(0))) draws per example, "
+            f"equal to single-device training")
 
 
 def _buffer_lines(keys: list[str], module: nn.Module | None, findings: list[Finding],
