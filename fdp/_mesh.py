@@ -106,7 +106,7 @@ class Mesh:
         device: torch.device | str | None = None,
         timeout: float = 300.0,
         bucket_mb: float = 25.0,
-        overlap: bool = True,
+        overlap: bool | None = None,
     ) -> Mesh:
         """One replica per process of an initialized ``torch.distributed`` process group.
 
@@ -123,10 +123,11 @@ class Mesh:
                 else the CPU).
             timeout: seconds any collective may wait for the other ranks before raising
                 ``TimeoutError`` (gloo; NCCL ops are bounded by the process group's timeout).
-            bucket_mb: size of the flat gradient buckets (DDP's default, 25 MB; the first
-                bucket is at most 1 MB so that communication starts early in backward).
-            overlap: start each bucket's all-reduce as soon as backward produced its
-                gradients (else all buckets after backward).
+            bucket_mb: size of the flat gradient buckets (DDP's default, 25 MB; with overlap,
+                the first bucket is at most 1 MB so that communication starts early).
+            overlap: start each bucket's all-reduce as soon as backward has produced its
+                gradients, instead of all buckets after backward. Default: on CUDA devices
+                only (on CPU, gloo needs the cores backward uses: measured slower).
         """
         from fdp.backends.distributed import DistributedBackend
 

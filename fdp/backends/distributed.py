@@ -57,13 +57,16 @@ class DistributedBackend(SpmdBackend):
         self.devices = (device,) * self.size
         self.timeout = timeout
         self.bucket_bytes = bucket_bytes
-        self.first_bucket_bytes = min(bucket_bytes, FIRST_BUCKET_BYTES)
+        # Overlapping, a small first bucket starts communication early (as DDP); launched all
+        # at once after backward, fewer and larger buckets are cheaper.
+        self.first_bucket_bytes = min(bucket_bytes, FIRST_BUCKET_BYTES) if overlap \
+            else bucket_bytes
         self.overlap = overlap
         self._pending: PendingCheck | None = None
 
     @classmethod
     def create(cls, group: Any = None, *, device: Any = None, timeout: float = 300.0,
-               bucket_mb: float = 25.0, overlap: bool = True) -> DistributedBackend:
+               bucket_mb: float = 25.0, overlap: bool | None = None) -> DistributedBackend:
         """Validates the arguments of :meth:`fdp.Mesh.distributed` and builds the backend."""
         fn = "Mesh.distributed"
         if not (dist.is_available() and dist.is_initialized()):
@@ -82,9 +85,13 @@ class DistributedBackend(SpmdBackend):
         for name, value in (("timeout", timeout), ("bucket_mb", bucket_mb)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"{fn}: {name} must be a positive number, got {value!r}")
-        if not isinstance(overlap, bool):
-            raise TypeError(f"{fn}: overlap must be a bool, got {type(overlap).__name__}")
+        if overlap is not None and not isinstance(overlap, bool):
+            raise TypeError(f"{fn}: overlap must be a bool or None (automatic), got "
+                            f"{type(overlap).__name__}")
         dev = _default_device(group) if device is None else torch.device(device)
+        # Measured (docs/performance.md): on CPU, gloo's transfers need the cores that backward
+        # uses, and one bucket after backward is faster; on GPUs communication runs beside it.
+        overlap = dev.type == "cuda" if overlap is None else overlap
         return cls(group, dev, float(timeout), max(1, int(bucket_mb * 2**20)), overlap)
 
     # --- placement ----------------------------------------------------------------------------

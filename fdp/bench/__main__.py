@@ -8,8 +8,9 @@ Measures (each ratio from candidates timed interleaved in the same run):
            larger batches so that activations dominate)
   jax      compiled fdp DP step (N=8) / jitted JAX value_and_grad and / jitted JAX vmap+pmean
            step, same MLP weights and batch (needs JAX: pip install "fdp[jax]"; else skipped)
-  distributed  fdp data_parallel_step on Mesh.distributed / DDP, gloo, 2 ranks x 1 thread,
-           MLP with 128 rows per rank (fresh processes per run, --runs runs)
+  distributed  fdp data_parallel_step on Mesh.distributed / DDP (with and without the optimizer,
+           and fdp with overlap), gloo, 2 ranks x 1 thread, MLP with 128 rows per rank
+           (fresh processes per run, --runs runs)
   threads  fdp value_and_grad on the threads backend (["cpu"] * 2) / the vmap backend (Mesh(2))
 """
 
