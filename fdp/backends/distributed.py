@@ -154,6 +154,8 @@ class DistributedBackend(SpmdBackend):
         the same param shapes, batch shapes and split; gradient buckets skip their own check."""
         self._pending = self._comm.start_check(_describe(plan, params, batch),
                                                "value_and_grad")
+        if self.device.type == "cuda":  # verifying reads the result on the host: do it before
+            self.verify_inputs()        # queuing forward, not in the middle of backward
         try:
             return super().value_and_grad(plan, params, batch)
         finally:
