@@ -10,9 +10,9 @@ size ``1..nprocs``) alive between calls, so that many small jobs, such as the ex
 property test, do not pay process start-up and rendezvous each time. Inside a job,
 :func:`current_group` is the group to build the mesh on::
 
-    def job(x):
+    def job(x):                       # at module level: jobs are pickled
         mesh = fdp.Mesh.distributed(fdp.launch.current_group())
-        return fdp.psum ...
+        return fdp.gather(fdp.pmap(lambda v: v * 2, mesh)(fdp.scatter(x, mesh)), mesh)
 
     with fdp.launch.Pool(4) as pool:
         pool.run(job, 2, args=(x,))   # ranks 0 and 1 of the pool
@@ -312,6 +312,8 @@ def _init(rank: int, world: int, port: int, backend: str, timeout: float,
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(threads)
+    if "nccl" in backend and torch.cuda.is_available():  # one GPU per rank, as torchrun
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     delta = datetime.timedelta(seconds=timeout)
     store = dist.TCPStore("127.0.0.1", port, world + 1, False, timeout=delta)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=delta)
