@@ -155,3 +155,42 @@ def dist_collectives(x: torch.Tensor, rows: torch.Tensor, axis: int) -> dict:
     mesh = mesh_here()
     rank = dist.get_rank(fdp.launch.current_group())
     return collectives_on(mesh, x[rank:rank + 1], rows, axis)
+
+
+# --- buffer policies and aux ------------------------------------------------------------------
+
+
+def bn_case(seed: int, sync: bool) -> tuple:
+    """A BatchNorm model (synchronized or not), its params and buffers, and a batch."""
+    import fdp.nn
+
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    net = (fdp.nn.convert_sync_batchnorm(net) if sync else net).double().train()
+    model = fdp.functionalize(net)
+    gen = torch.Generator().manual_seed(seed)
+    batch = {"x": torch.randn(11, 3, generator=gen, dtype=torch.float64),
+             "y": torch.randn(11, 2, generator=gen, dtype=torch.float64)}
+    return model, batch
+
+
+def buffers_on(mesh: fdp.Mesh, seed: int, policy: str, split: Any) -> dict:
+    """``value_and_grad`` with a buffer policy and aux (the per-replica loss), on any mesh."""
+    model, batch = bn_case(seed, sync=policy == "sync")
+
+    def loss_fn(params: dict, buffers: dict, b: dict) -> Any:
+        out, new_buffers = model.apply(params, buffers, b["x"])
+        loss = (out - b["y"]).pow(2).mean()
+        return (loss, {"rows": torch.tensor(b["x"].shape[0])}), new_buffers
+
+    (out, buffers), grads = fdp.value_and_grad(
+        loss_fn, mesh, has_aux=True, buffer_policy=policy, split=_split(split))(
+        model.params, model.buffers, batch)
+    loss, aux = out
+    # aux is stacked over the replicas with rows: here, this rank's ({} if it had none)
+    rows = aux["rows"] if aux else torch.zeros(0, dtype=torch.int64)
+    return {"loss": loss, "grads": grads, "buffers": buffers, "rows": rows}
+
+
+def dist_buffers(seed: int, policy: str, split: Any) -> dict:
+    return buffers_on(mesh_here(), seed, policy, split)
