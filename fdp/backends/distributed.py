@@ -12,8 +12,9 @@ the backend makes each rank play its replica:
   (see :mod:`fdp.backends._dist_comm`), differentiable and usable under ``torch.func``
   transforms *inside* the replica;
 * :func:`fdp.value_and_grad` differentiates each rank's shard with tape autograd and sums the
-  loss and gradients in flat buckets, each launched asynchronously as soon as backward has
-  produced its gradients (overlapping communication with the rest of backward, as DDP).
+  loss and gradients in flat buckets: after backward (the default on CPU, where gloo needs the
+  cores backward uses), or each launched as soon as backward has produced its gradients
+  (``overlap=True``, the default on CUDA), as DDP.
 """
 
 from __future__ import annotations
