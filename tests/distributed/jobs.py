@@ -194,3 +194,36 @@ def buffers_on(mesh: fdp.Mesh, seed: int, policy: str, split: Any) -> dict:
 
 def dist_buffers(seed: int, policy: str, split: Any) -> dict:
     return buffers_on(mesh_here(), seed, policy, split)
+
+
+# --- keyed randomness -------------------------------------------------------------------------
+
+
+def dropout_on(mesh: fdp.Mesh, seed: int, rows: int, microbatches: int) -> dict:
+    """Keyed dropout training (``data_parallel_step(key=...)``): the same masks everywhere."""
+    import fdp.nn
+
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), fdp.nn.Dropout(0.5), nn.Linear(6, 2))
+    model = fdp.functionalize(net.double().train())
+
+    def loss_fn(params: dict, batch: dict) -> torch.Tensor:
+        out, _ = model.apply(params, model.buffers, batch["x"])
+        return (out - batch["y"]).pow(2).mean()
+
+    gen = torch.Generator().manual_seed(seed)
+    batch = {"x": torch.randn(rows, 3, generator=gen, dtype=torch.float64),
+             "y": torch.randn(rows, 2, generator=gen, dtype=torch.float64)}
+    opt = fdp.optim.sgd(0.1)
+    step = fdp.data_parallel_step(loss_fn, opt, mesh, key=fdp.random.key(seed),
+                                  microbatches=microbatches)
+    state = fdp.TrainState.create(model.params, opt)
+    losses = []
+    for _ in range(2):
+        state, metrics = step(state, batch)
+        losses.append(metrics["loss"])
+    return {"losses": torch.stack(losses), "params": state.params}
+
+
+def dist_dropout(seed: int, rows: int, microbatches: int) -> dict:
+    return dropout_on(mesh_here(), seed, rows, microbatches)
