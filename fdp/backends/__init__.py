@@ -5,6 +5,8 @@ so a program runs unchanged on any backend.
 """
 
 from fdp.backends._base import Backend
+from fdp.backends.distributed import DistributedBackend
+from fdp.backends.threads import ThreadsBackend
 from fdp.backends.vmap import VmapBackend
 
-__all__ = ["Backend", "VmapBackend"]
+__all__ = ["Backend", "DistributedBackend", "ThreadsBackend", "VmapBackend"]

@@ -36,9 +36,9 @@ from fdp.backends._dist_comm import (
     PendingCheck,
     plan_buckets,
 )
+from fdp.backends._spmd import SpmdBackend
 
 __all__ = ["DistributedBackend", "PeerFailure", "PeerTimeout"]
-from fdp.backends._spmd import SpmdBackend
 
 
 class DistributedBackend(SpmdBackend):
