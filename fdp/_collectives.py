@@ -258,7 +258,8 @@ def _on_shared_tape(frame: AxisFrame, x: torch.Tensor) -> bool:
     Inside ``torch.func`` transforms or ``value_and_grad`` each replica differentiates in its
     own thread, and the collective's backward is a collective again.
     """
-    return (frame.tape and x.requires_grad and torch.is_grad_enabled()
+    # Decided per frame, not per tensor: every replica must take the same path.
+    return (frame.tape and torch.is_grad_enabled()
             and torch._C._functorch.peek_interpreter_stack() is None)
 
 
@@ -285,6 +286,8 @@ def _all_reduce(tree: Any, axis_name: str, op: str, fn: str) -> Any:
     def leaf_op(x: torch.Tensor) -> torch.Tensor:
         if op == "mean" and not (x.is_floating_point() or x.is_complex()):
             raise TypeError(f"{fn}: needs a floating-point value, got {x.dtype}; cast it first")
+        if op == "sum" and not (x.is_floating_point() or x.is_complex()):
+            x = x.to(torch.int64)  # as torch.sum: the same dtype on every backend
         if frame.comm is not None:
             x = x.to(frame.index.device)
             if _on_shared_tape(frame, x):

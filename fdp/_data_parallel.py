@@ -411,12 +411,14 @@ class _NoCollectives:
 
 def _no_collectives(fn: Callable[..., Any], mesh: Mesh, first: int,
                     layout: Layout) -> Callable[..., Any]:
-    """Runs ``fn`` with the group's axis rebound to the whole mesh's index and size, where any
-    collective raises (a group cannot reach the other groups)."""
+    """Runs ``fn`` with the group's axis rebound to the replicas that run (those with rows: as
+    in ``fdp.value_and_grad``), where any collective raises (a group cannot reach the others)."""
+    active = [off for off, s in zip(layout.offsets, layout.sizes, strict=True) if s > 0]
+    position = sum(1 for off in active if off < layout.offsets[first])
 
     def run(*args: Any) -> Any:
         frame = lookup(mesh.axis_name, _FN)
-        shadow = dataclasses.replace(frame, size=mesh.size, index=frame.index + first,
+        shadow = dataclasses.replace(frame, size=len(active), index=frame.index + position,
                                      comm=_NoCollectives(layout))
         offset = getattr(frame, "offset", None)  # row offsets: of the whole batch, not the group
         if offset is not None:

@@ -325,15 +325,16 @@ def _run(fn, mesh, name, out_axes, treedef, flat, flat_axes, kwargs, layouts, ra
         with bind_axis(frame):
             out = fn(*args, **kwargs)
         out_leaves, out_def = _tree.flatten(out)
-        out_info["def"] = out_def
-        # Only whether each leaf is a tensor, and the static leaves, outlive the vmap.
-        out_info["static"] = [(True, None) if isinstance(x, torch.Tensor) else (False, x)
-                              for x in out_leaves]
+        # Only whether each leaf is a tensor, and the static leaves, outlive the vmap. (On the
+        # threads backend every replica reports its own, checked to agree below.)
+        static = [(True, None) if isinstance(x, torch.Tensor) else (False, x)
+                  for x in out_leaves]
+        out_info.setdefault("calls", []).append((index, out_def, static))
         return [x for x in out_leaves if isinstance(x, torch.Tensor)]
 
     results = iter(mesh.impl.map(body, mapped, in_dims, randomness=randomness))
-    out_def = out_info["def"]
-    leaves = [next(results) if is_tensor else x for is_tensor, x in out_info["static"]]
+    out_def, static = _agreed_outputs(out_info["calls"])
+    leaves = [next(results) if is_tensor else x for is_tensor, x in static]
     outputs = _tree.unflatten(leaves, out_def)
     axes = _tree.broadcast_prefix(_align_prefix(out_axes, outputs, "out_axes", "outputs"), outputs,
                                   "out_axes", "outputs")
@@ -343,6 +344,19 @@ def _run(fn, mesh, name, out_axes, treedef, flat, flat_axes, kwargs, layouts, ra
     if layouts and all(a == 0 for a in axes):
         return Sharded(out, layouts[0])
     return out
+
+
+def _agreed_outputs(calls: list[tuple]) -> tuple[Any, list]:
+    """The output structure and static leaves, which every replica must agree on."""
+    _, out_def, static = calls[0]
+    for index, other_def, other_static in calls[1:]:
+        if other_def != out_def or other_static != static:
+            raise ValueError(
+                f"pmap: replica {int(index)} returned a different structure or different "
+                f"non-tensor values than replica {int(calls[0][0])}; every replica must return "
+                f"the same structure, and values that differ must be tensors"
+            )
+    return out_def, static
 
 
 def _rebuild_args(values: list, treedef: Any) -> tuple:

@@ -169,7 +169,7 @@ def test_mismatched_shapes_across_replicas_raise():
     def body(v):
         return fdp.psum(torch.ones(int(fdp.axis_index("dp")) + 1), "dp")
 
-    with pytest.raises(ValueError, match=r"replica 0: torch.float32\[1\], replica 1"):
+    with pytest.raises(ValueError, match=r"replica 0: .*float32\[1\], replica 1: .*float32\[2\]"):
         fdp.pmap(body, mesh)(torch.arange(2.0))
 
 
@@ -267,3 +267,91 @@ def test_meshes_pickle_as_their_constructor_call():
     assert torch.equal(fdp.pmap(lambda v: fdp.psum(v, "b"), mesh)(torch.ones(2)),
                        torch.full((2,), 2.0))
     assert pickle.loads(pickle.dumps(fdp.Mesh(3, axis_name="x"))) == fdp.Mesh(3, axis_name="x")
+
+
+def test_replicas_that_call_different_collectives_raise():
+    mesh = threads_mesh(2)
+
+    def body(v):
+        return fdp.psum(v, "dp") if int(fdp.axis_index("dp")) == 0 else fdp.pmax(v, "dp")
+
+    with pytest.raises(ValueError, match="disagree on the collective"):
+        fdp.pmap(body, mesh)(torch.ones(2, 2))
+
+
+def test_data_dependent_requires_grad_does_not_mix_collectives():
+    """Replicas taking different paths through requires_grad still pair their collectives."""
+    mesh = threads_mesh(2)
+    fdp.pmap(lambda v: fdp.psum(v, "dp"), mesh)(torch.tensor([[100.0, 100.0], [200.0, 200.0]]))
+    w = torch.tensor([2.0, 3.0], requires_grad=True)
+
+    def fn(w_, x):
+        a, b = (x * w_, x) if bool(x.sum() > 0) else (x, x * w_)
+        return fdp.psum(a, "dp"), fdp.psum(b, "dp")
+
+    x = torch.tensor([[1.0, 1.0], [-1.0, -2.0]])
+    a, b = fdp.pmap(fn, mesh, in_axes=(None, 0))(w, x)
+    torch.testing.assert_close(a.detach(), torch.tensor([[1.0, 1.0], [1.0, 1.0]]))
+    torch.testing.assert_close(b.detach(), torch.tensor([[-1.0, -5.0], [-1.0, -5.0]]))
+
+
+def test_a_failed_timeout_does_not_poison_the_next_call():
+    mesh = fdp.Mesh(devices=["cpu"] * 2, timeout=0.5)
+
+    def slow(v):
+        if int(fdp.axis_index("dp")) == 1:
+            time.sleep(1.0)
+        return fdp.psum(v, "dp")
+
+    with pytest.raises(TimeoutError, match=r"replica 1 \(device cpu\)"):
+        fdp.pmap(slow, mesh)(torch.ones(2))
+    time.sleep(1.0)  # the stale replica wakes up, fails in the old rendezvous
+    assert torch.equal(fdp.pmap(lambda v: fdp.psum(v, "dp"), mesh)(torch.ones(2)),
+                       torch.full((2,), 2.0))
+
+
+def test_nested_use_of_the_same_mesh_raises():
+    mesh = threads_mesh(2)
+    with pytest.raises(RuntimeError, match="nested use of the same mesh"):
+        fdp.pmap(lambda v: fdp.pmap(lambda u: u, mesh)(torch.ones(2)) + v, mesh)(torch.ones(2))
+
+
+def test_empty_replicas_do_not_join_collectives_in_the_loss():
+    """As on vmap: in value_and_grad, the axis is the replicas that received rows."""
+    w = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    b = torch.arange(8.0, dtype=torch.float64).reshape(4, 2)
+
+    def loss(p, x):
+        info = torch.stack([fdp.axis_index("dp"), torch.tensor(fdp.axis_size("dp"))])
+        return ((x - fdp.pmean(x.mean(0), "dp")) @ p["w"]).pow(2).mean(), info.double()
+
+    for split in ([2, 2, 0], [2, 0, 2]):
+        got = fdp.value_and_grad(loss, threads_mesh(3), has_aux=True, split=split)({"w": w}, b)
+        want = fdp.value_and_grad(loss, fdp.Mesh(3), has_aux=True, split=split)({"w": w}, b)
+        torch.testing.assert_close(got, want)
+        assert got[0][1].tolist() == [[0.0, 2.0], [1.0, 2.0]]
+
+
+def test_autocast_reaches_the_replica_threads():
+    mesh = threads_mesh(2)
+    lin = nn.Linear(4, 3)
+    model = fdp.functionalize(lin)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fdp.pmap(lambda x: model.apply(model.params, model.buffers, x)[0], mesh)(
+            torch.randn(2, 5, 4))
+    assert out.dtype == torch.bfloat16
+
+
+def test_integer_psum_has_one_dtype_on_every_backend():
+    x = torch.tensor([1, 2], dtype=torch.int32)
+    for mesh in (threads_mesh(2), fdp.Mesh(2)):
+        assert fdp.pmap(lambda v: fdp.psum(v, "dp"), mesh)(x).dtype == torch.int64
+
+
+def test_replicas_must_agree_on_non_tensor_outputs_and_dtypes():
+    mesh = threads_mesh(3)
+    with pytest.raises(ValueError, match="different structure or different non-tensor"):
+        fdp.pmap(lambda x: (x, int(fdp.axis_index("dp"))), mesh)(torch.ones(3))
+    with pytest.raises(ValueError, match="different shape or dtype"):
+        fdp.pmap(lambda x: x.double() if int(fdp.axis_index("dp")) else x, mesh)(torch.ones(3))
+    assert fdp.pmap(lambda x: (x, "same"), mesh)(torch.ones(3))[1] == "same"

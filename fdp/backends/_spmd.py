@@ -35,6 +35,10 @@ class SpmdBackend(Backend):
     def local_replicas(self) -> tuple[int, ...]:
         """Indices of the replicas this process runs."""
 
+    def active_comm(self, replicas: tuple[int, ...]) -> Communicator:
+        """A communicator over the listed replicas only (called by exactly those replicas)."""
+        raise NotImplementedError
+
     @abstractmethod
     def run_replicas(self, fn: Callable[[int], Any]) -> list[Any]:
         """``[fn(r) for r in local_replicas]``, each replica concurrently where it applies.
@@ -88,12 +92,12 @@ class SpmdBackend(Backend):
                 for j in range(len(results[0]))]
 
     def _stack(self, values: list[torch.Tensor], what: str) -> torch.Tensor:
-        shapes = {tuple(v.shape) for v in values}
-        if len(shapes) > 1:
-            per = ", ".join(f"replica {r}: {tuple(v.shape)}"
+        kinds = {(tuple(v.shape), v.dtype) for v in values}
+        if len(kinds) > 1:
+            per = ", ".join(f"replica {r}: {v.dtype}{list(v.shape)}"
                             for r, v in zip(self.local_replicas, values, strict=True))
-            raise ValueError(f"pmap: {what} has a different shape on different replicas "
-                             f"({per}); every replica must return the same shapes")
+            raise ValueError(f"pmap: {what} has a different shape or dtype on different "
+                             f"replicas ({per}); every replica must return the same")
         return torch.stack([v.to(self.home) for v in values])
 
     # --- value_and_grad ---------------------------------------------------------------------
@@ -131,7 +135,9 @@ class SpmdBackend(Backend):
         if not all(torch.equal(a, b) for a, b in
                    zip(before, _generator_states(self.devices), strict=True)):
             raise RuntimeError(
-                f"{fn}: a random op (e.g. dropout) ran in a replica with randomness='error'. "
+                f"{fn}: torch's generator moved during the step: a random op (e.g. dropout) ran "
+                f"in a replica with randomness='error' (or another thread of yours drew random "
+                f"numbers meanwhile: the generator is shared). "
                 f"Pass randomness='different' (draws then depend on the backend and, on "
                 f"threads, on scheduling), or draw with fdp.random keys, which give the same "
                 f"values on every backend"
@@ -192,6 +198,18 @@ class _ReplicaStep:
                           torch.tensor(r, device=dev), comm=comm, offset=offset)
         return dev, params, comm, frame
 
+    def active_frame(self, r: int, frame: AxisFrame) -> AxisFrame:
+        """The axis ``loss_fn`` sees: the replicas that received rows, as on the vmap backend
+        (replicas without rows do not run, so collectives must not wait for them)."""
+        active = tuple(i for i, s in enumerate(self.plan.layout.sizes) if s > 0)
+        if len(active) == self.backend.size:
+            return frame
+        comm = self.backend.active_comm(active)  # every replica calls it (see distributed)
+        if r not in active:
+            return frame
+        return dataclasses.replace(frame, size=len(active), comm=comm,
+                                   index=torch.tensor(active.index(r), device=frame.index.device))
+
     def shard(self, r: int, dev: torch.device, rows: torch.Tensor | None = None) -> Any:
         off, n = self.plan.layout.offsets[r], self.plan.layout.sizes[r]
         parts = []
@@ -237,14 +255,13 @@ class _WeightedStep(_ReplicaStep):
             keys = list(plan.buffers)
             buffers = dict(zip(keys, to_device([plan.buffers[k] for k in keys], dev),
                                strict=True))
-        # A replica without rows still runs when its layers may talk to the others (SyncBN).
         aux, new_buffers = None, buffers
-        if rows > 0 or plan.buffer_policy == "sync":
+        frame = self.active_frame(r, frame)
+        if rows > 0:
             with bind_axis(frame):
                 loss, aux, new_buffers = _call_loss(plan, params, self.shard(r, dev), buffers,
                                                     self.args_on(dev))
-            weight = rows / plan.layout.total if plan.reduction == "mean" else 1.0
-            term = loss * weight if rows > 0 else torch.nan_to_num(loss) * 0.0
+            term = loss * (rows / plan.layout.total if plan.reduction == "mean" else 1.0)
         else:  # the loss travels in the params' dtype so every replica's buckets match
             term = torch.zeros((), device=dev, dtype=next(iter(params.values())).dtype)
         dtype = term.dtype
@@ -252,7 +269,7 @@ class _WeightedStep(_ReplicaStep):
         loss = loss.to(dtype)
         if plan.buffer_policy is not None:
             new_buffers = _reduce_buffers(comm, new_buffers, plan)
-        return loss, grads, (aux if rows > 0 else None), new_buffers
+        return loss, grads, aux, new_buffers
 
     def combine(self, results: list) -> tuple[Any, dict]:
         plan, home = self.plan, self.backend.home
@@ -271,20 +288,25 @@ def _reduce_buffers(comm: Communicator, buffers: dict, plan: Any) -> dict:
     sizes = plan.layout.sizes
     first = next(i for i, s in enumerate(sizes) if s > 0)
     keys = list(buffers)
+    if not keys:
+        return {}
     if plan.buffer_policy == "replica0":
         return {k: comm.broadcast(buffers[k], first) for k in keys}
-    if plan.buffer_policy == "sync":
-        highs = comm.all_reduce_many([buffers[k] for k in keys], "max")
-        lows = comm.all_reduce_many([buffers[k] for k in keys], "min")
-        for k, hi, lo in zip(keys, highs, lows, strict=True):
-            if not torch.equal(hi, lo):
+    if plan.buffer_policy == "sync":  # keep the first's; check every replica with rows agrees
+        kept = {k: comm.broadcast(buffers[k], first) for k in keys}
+        ran = sizes[comm.index()] > 0
+        differs = [float(ran and not torch.equal(kept[k], buffers[k])) for k in keys]
+        flags = comm.all_reduce(torch.tensor(differs, dtype=torch.float64,
+                                             device=buffers[keys[0]].device), "max")
+        for k, flag in zip(keys, flags.tolist(), strict=True):
+            if flag:
                 raise ValueError(
                     f"value_and_grad: buffer_policy='sync' but buffer {k!r} differs across "
                     f"replicas: its layer computes per-replica statistics. Convert the model's "
                     f"BatchNorm layers with fdp.nn.convert_sync_batchnorm(module), or use "
                     f"buffer_policy='replica0' or 'mean'"
                 )
-        return {k: buffers[k] for k in keys}
+        return kept
     weight = sizes[comm.index()] / plan.layout.total
     floats = [k for k in keys if buffers[k].is_floating_point()]
     summed = comm.all_reduce_many([buffers[k] * weight for k in floats], "sum")

@@ -41,6 +41,29 @@ from fdp.backends._spmd import SpmdBackend
 __all__ = ["DistributedBackend", "PeerFailure", "PeerTimeout"]
 
 
+_SUBGROUPS: dict[tuple, Any] = {}  # process groups over subsets of ranks (see active_comm)
+
+
+class _NoSubgroup:
+    """The loss's communicator when some ranks got no rows and no group over the others can be
+    made: any collective raises at once, on every rank that calls it (never a hang)."""
+
+    def __init__(self, replicas: tuple[int, ...], size: int) -> None:
+        self.replicas, self.size = replicas, len(replicas)
+        self.mesh_size = size
+
+    def _fail(self, *_: Any) -> Any:
+        raise ValueError(
+            f"a collective inside loss_fn on a distributed mesh over a process subgroup, with "
+            f"ranks that received no rows (only ranks {list(self.replicas)} of "
+            f"{self.mesh_size} did): the ranks with rows cannot be grouped here. Use "
+            f"split='even' with at least {self.mesh_size} rows per batch (drop the last, "
+            f"short batch), or a mesh over the whole world"
+        )
+
+    index = all_reduce = all_gather = broadcast = all_reduce_many = pinned = _fail
+
+
 class DistributedBackend(SpmdBackend):
     """One replica per rank of ``group``; this process holds replica ``rank``."""
 
@@ -64,6 +87,7 @@ class DistributedBackend(SpmdBackend):
             else bucket_bytes
         self.overlap = overlap
         self._pending: PendingCheck | None = None
+        self._subcomms: dict[tuple[int, ...], DistComm] = {}
 
     @classmethod
     def create(cls, group: Any = None, *, device: Any = None, timeout: float = 300.0,
@@ -103,6 +127,27 @@ class DistributedBackend(SpmdBackend):
 
     def local(self, x: torch.Tensor) -> torch.Tensor:
         return x.narrow(0, self.rank, 1)
+
+    def active_comm(self, replicas: tuple[int, ...]) -> Any:
+        """A process group over the ranks that received rows (every rank calls this, in the
+        same order, so that the group is created collectively on first use).
+
+        Creating a group needs every rank of the default group, so this works for meshes over
+        the whole world (torchrun's usual case); on a subgroup the loss's collectives raise.
+        """
+        if replicas not in self._subcomms:
+            whole = self.group is None or self.group == dist.group.WORLD
+            if not whole:
+                self._subcomms[replicas] = _NoSubgroup(replicas, self.size)
+            else:
+                key = (replicas, id(dist.group.WORLD))
+                if key not in _SUBGROUPS:  # one group per set of ranks, for the process
+                    _SUBGROUPS[key] = dist.new_group(ranks=list(replicas))
+                group = _SUBGROUPS[key]
+                self._subcomms[replicas] = (
+                    DistComm(group, self.device, self.timeout, self.bucket_bytes)
+                    if self.rank in replicas else None)
+        return self._subcomms[replicas]
 
     def comm(self) -> DistComm:
         return self._comm

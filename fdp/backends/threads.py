@@ -11,8 +11,10 @@ bit-identical results.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -29,80 +31,92 @@ class ReplicaAborted(RuntimeError):
 
 
 class ThreadComm(Communicator):
-    """An in-process rendezvous of ``len(devices)`` replica threads."""
+    """An in-process rendezvous of ``len(devices)`` replica threads.
 
-    def __init__(self, devices: tuple[torch.device, ...], timeout: float) -> None:
+    Every operation deposits a *tag* (operation, reduction, shape, dtype) with its value; the
+    replicas compare tags after the first barrier, so replicas that call different collectives
+    or pass different shapes all raise the same ``ValueError`` instead of mixing data.
+    """
+
+    def __init__(self, devices: Sequence[torch.device], timeout: float,
+                 replicas: Sequence[int] | None = None) -> None:
         self.size = len(devices)
-        self.devices = devices
+        self.devices = tuple(devices)
         self.timeout = timeout
+        # the backend's replica index of each member (a subset communicator maps them)
+        self.replicas = tuple(replicas) if replicas is not None else tuple(range(self.size))
+        self._position = {r: i for i, r in enumerate(self.replicas)}
         self._barrier = threading.Barrier(self.size, timeout=timeout)
         self._inputs: list[Any] = [None] * self.size
         self._outputs: list[Any] = [None] * self.size
         self._local = threading.local()
+        self.waiting: set[int] = set()  # members blocked in a barrier (to name stuck ones)
+        self._subsets: dict[tuple[int, ...], ThreadComm] = {}
 
-    def bind(self, index: int | None) -> None:
-        self._local.index = index
+    def bind(self, replica: int | None) -> None:
+        self._local.replica = replica
 
     def index(self) -> int:
-        index = getattr(self._local, "index", None)
-        if index is None:
+        replica = getattr(self._local, "replica", None)
+        if replica is None or replica not in self._position:
             raise RuntimeError("fdp internal error: a collective ran outside a replica thread")
-        return index
+        return self._position[replica]
 
     def pinned(self) -> Communicator:
-        return _Pinned(self, self.index())
+        return _Pinned(self, self.replicas[self.index()])
 
-    def tracked_all_reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
-        """All-reduce whose result is computed from every replica's tracked input (autograd
-        then differentiates across replicas without any communication in backward)."""
-        stacked = self.tracked_all_gather(x)
-        if op == "sum":
-            return stacked.sum(0)
-        if op == "mean":
-            return stacked.mean(0)
-        return stacked.amax(0) if op == "max" else stacked.amin(0)
-
-    def tracked_all_gather(self, x: torch.Tensor) -> torch.Tensor:
-        dev = self.devices[self.index()]
-        values = self._deposit(x)
-        self._check_same(values, "all_gather")
-        out = torch.stack([v.to(dev) for v in values])
-        self._wait()
-        return out
+    def subset(self, replicas: tuple[int, ...]) -> ThreadComm:
+        """A communicator over some replicas only (those of a step that received rows)."""
+        if replicas == self.replicas:
+            return self
+        if replicas not in self._subsets:
+            sub = ThreadComm([self.devices[self._position[r]] for r in replicas], self.timeout,
+                             replicas)
+            sub._local = self._local  # the same threads, bound to the same replica indices
+            self._subsets[replicas] = sub
+        return self._subsets[replicas]
 
     def abort(self) -> None:
         self._barrier.abort()
+        for sub in self._subsets.values():
+            sub.abort()
 
     def reset(self) -> None:
         self._barrier.reset()
+        self.waiting.clear()
+        for sub in self._subsets.values():
+            sub.reset()
 
     def _wait(self) -> None:
+        me = self.index()
+        self.waiting.add(me)
         try:
             self._barrier.wait()
         except threading.BrokenBarrierError:
             raise ReplicaAborted(
-                f"replica {self.index()} stopped waiting in a collective: another replica "
+                f"replica {self.replicas[me]} stopped waiting in a collective: another replica "
                 f"failed or did not reach it within {self.timeout} s"
             ) from None
+        finally:
+            self.waiting.discard(me)
 
-    def _deposit(self, value: Any) -> list[Any]:
-        """Puts ``value`` in this replica's slot and returns every replica's, in order."""
-        self._inputs[self.index()] = value
+    def _deposit(self, value: Any, tag: tuple) -> list[Any]:
+        """Puts ``(tag, value)`` in this replica's slot; returns every replica's value."""
+        self._inputs[self.index()] = (tag, value)
         self._wait()
-        return list(self._inputs)
-
-    def _check_same(self, values: list[torch.Tensor], fn: str) -> None:
-        kinds = {(tuple(v.shape), v.dtype) for v in values}
-        if len(kinds) > 1:
-            per = ", ".join(f"replica {i}: {v.dtype}{list(v.shape)}" for i, v in
-                            enumerate(values))
-            raise ValueError(f"{fn}: replicas passed tensors of different shapes or dtypes "
-                             f"({per}); every replica must pass the same shape and dtype")
+        slots = list(self._inputs)
+        tags = [t for t, _ in slots]
+        if any(t != tags[0] for t in tags):
+            per = ", ".join(f"replica {r}: {_describe(t)}"
+                            for r, t in zip(self.replicas, tags, strict=True))
+            raise ValueError(f"{tag[0]}: replicas disagree on the collective ({per}); every "
+                             f"replica must call the same collectives with the same shapes "
+                             f"and dtypes, in the same order")
+        return [v for _, v in slots]
 
     def all_reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
         me, dev = self.index(), self.devices[self.index()]
-        values = self._deposit(x)
-        self._check_same(values, "psum/all_reduce")
+        values = self._deposit(x, ("psum/all_reduce", op, tuple(x.shape), x.dtype))
         # reduce-scatter: this replica reduces chunk `me` of everyone's tensor, in index order
         chunks = [v.reshape(-1).tensor_split(self.size)[me].to(dev) for v in values]
         part = chunks[0].clone()
@@ -121,17 +135,16 @@ class ThreadComm(Communicator):
         self._wait()  # nobody overwrites the slots before everyone has read them
         return out
 
-    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+    def all_gather(self, x: torch.Tensor, tag: str = "all_gather") -> torch.Tensor:
         dev = self.devices[self.index()]
-        values = self._deposit(x)
-        self._check_same(values, "all_gather")
+        values = self._deposit(x, (tag, None, tuple(x.shape), x.dtype))
         out = torch.stack([v.to(dev) for v in values])
         self._wait()
         return out
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         dev = self.devices[self.index()]
-        values = self._deposit(x)
+        values = self._deposit(x, ("broadcast", src, tuple(x.shape), x.dtype))
         out = values[src].to(dev, copy=True)
         self._wait()
         return out
@@ -149,22 +162,40 @@ class ThreadComm(Communicator):
                 out[i] = part.view(xs[i].shape)
         return out  # type: ignore[return-value]
 
+    def tracked_all_reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
+        """All-reduce whose result is computed from every replica's tracked input (autograd
+        then differentiates across replicas without any communication in backward)."""
+        stacked = self.all_gather(x, f"psum/all_reduce ({op})")
+        if op == "sum":
+            return stacked.sum(0)
+        if op == "mean":
+            return stacked.mean(0)
+        return stacked.amax(0) if op == "max" else stacked.amin(0)
+
+    def tracked_all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        return self.all_gather(x)
+
+
+def _describe(tag: tuple) -> str:
+    name, op, shape, dtype = tag
+    return f"{name}{'' if op is None else f'({op})'} {dtype}{list(shape)}"
+
 
 class _Pinned(Communicator):
     """A :class:`ThreadComm` seen as one fixed replica, from whichever thread calls it."""
 
-    def __init__(self, comm: ThreadComm, index: int) -> None:
-        self.comm, self.size, self._index = comm, comm.size, index
+    def __init__(self, comm: ThreadComm, replica: int) -> None:
+        self.comm, self.size, self._replica = comm, comm.size, replica
 
     def index(self) -> int:
-        return self._index
+        return self.comm._position[self._replica]
 
     def pinned(self) -> Communicator:
         return self
 
     def _call(self, name: str, *args: Any) -> Any:
-        previous = getattr(self.comm._local, "index", None)
-        self.comm.bind(self._index)
+        previous = getattr(self.comm._local, "replica", None)
+        self.comm.bind(self._replica)
         try:
             return getattr(self.comm, name)(*args)
         finally:
@@ -184,8 +215,17 @@ class ThreadsBackend(SpmdBackend):
     """One replica per listed device, each replica's work in its own thread."""
 
     name = "threads"
+    tape_collectives = True
 
     def __init__(self, devices: tuple[torch.device, ...], timeout: float) -> None:
+        cuda = [d for d in devices if d.type == "cuda"]
+        if len(set(cuda)) < len(cuda):
+            raise ValueError(
+                f"Mesh: devices lists a CUDA device more than once ({[str(d) for d in devices]});"
+                f" replicas on one GPU would share its autograd thread and wait for each other "
+                f"in backward. Use one replica per GPU, or fdp.Mesh(n, device='cuda') for "
+                f"virtual replicas on one GPU"
+            )
         self.size = len(devices)
         self.devices = devices
         self.device = devices[0]  # the stacked representation's home (see VmapBackend)
@@ -193,6 +233,7 @@ class ThreadsBackend(SpmdBackend):
         self._comm = ThreadComm(devices, timeout)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()  # one step at a time per mesh
+        self._inside = threading.local()
 
     replicate = VmapBackend.replicate
     unreplicate = VmapBackend.unreplicate
@@ -207,47 +248,66 @@ class ThreadsBackend(SpmdBackend):
     def comm(self) -> ThreadComm:
         return self._comm
 
+    def active_comm(self, replicas: tuple[int, ...]) -> ThreadComm:
+        return self._comm.subset(replicas)
+
     def run_replicas(self, fn: Callable[[int], Any]) -> list[Any]:
+        if getattr(self._inside, "replica", None) is not None:
+            raise RuntimeError(
+                "a threads mesh cannot run a pmap or value_and_grad from inside one of its own "
+                "replicas (nested use of the same mesh); nest over another mesh, or restructure "
+                "the inner call as a vmap"
+            )
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.size, thread_name_prefix="fdp-replica")
-            grad_mode = torch.is_grad_enabled()
-            futures = [self._pool.submit(self._replica, fn, r, grad_mode)
+            comm, state = self._comm, _ThreadState.capture()
+            futures = [self._pool.submit(self._replica, fn, r, comm, state)
                        for r in range(self.size)]
+            deadline = time.monotonic() + self.timeout
             outcomes = []
-            for r, future in enumerate(futures):
+            for future in futures:
                 try:
-                    outcomes.append(future.result(timeout=self.timeout))
+                    outcomes.append(future.result(timeout=max(deadline - time.monotonic(), 0)))
                 except FutureTimeout:
-                    self._comm.abort()
-                    self._pool.shutdown(wait=False, cancel_futures=True)
-                    self._pool = None  # a stuck thread keeps its worker; start fresh ones
-                    self._comm = ThreadComm(self.devices, self.timeout)
-                    raise TimeoutError(
-                        f"replica {r} (device {self.devices[r]}) did not finish within "
-                        f"{self.timeout} s (fdp.Mesh(devices=..., timeout=...)); the other "
-                        f"replicas were stopped"
-                    ) from None
-            return self._results(outcomes)
+                    raise self._timed_out(comm, futures) from None
+            return self._results(outcomes, comm)
 
-    tape_collectives = True
+    def _timed_out(self, comm: ThreadComm, futures: list) -> TimeoutError:
+        waiting = comm.waiting | {r for sub in comm._subsets.values()
+                                  for r in (sub.replicas[i] for i in sub.waiting)}
+        stuck = [r for r, f in enumerate(futures) if not f.done() and r not in waiting]
+        comm.abort()
+        assert self._pool is not None
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None  # a stuck thread keeps its worker; start fresh ones
+        self._comm = ThreadComm(self.devices, self.timeout)
+        names = ", ".join(f"{r} (device {self.devices[r]})" for r in stuck) or "?"
+        return TimeoutError(
+            f"replica{'s' if len(stuck) > 1 else ''} {names} did not finish within "
+            f"{self.timeout} s "
+            f"(fdp.Mesh(devices=..., timeout=...)); the other replicas were stopped"
+        )
 
-    def _replica(self, fn: Callable[[int], Any], r: int, grad_mode: bool) -> tuple:
-        self._comm.bind(r)
+    def _replica(self, fn: Callable[[int], Any], r: int, comm: ThreadComm,
+                 state: _ThreadState) -> tuple:
+        comm.bind(r)
+        self._inside.replica = r
         try:
-            with torch.set_grad_enabled(grad_mode), _device_guard(self.devices[r]):
+            with state.entered(), _device_guard(self.devices[r]):
                 return True, fn(r)
         except BaseException as e:  # re-raised by the caller; peers must not wait for us
-            self._comm.abort()
+            comm.abort()
             return False, e
         finally:
-            self._comm.bind(None)
+            comm.bind(None)
+            self._inside.replica = None
 
-    def _results(self, outcomes: list[tuple]) -> list[Any]:
+    def _results(self, outcomes: list[tuple], comm: ThreadComm) -> list[Any]:
         failures = [(r, e) for r, (ok, e) in enumerate(outcomes) if not ok]
         if not failures:
             return [value for _, value in outcomes]
-        self._comm.reset()
+        comm.reset()
         # the first replica that failed on its own, not because a peer aborted the rendezvous
         r, error = next(((r, e) for r, e in failures if not isinstance(e, ReplicaAborted)),
                         failures[0])
@@ -256,9 +316,32 @@ class ThreadsBackend(SpmdBackend):
         raise error
 
 
+class _ThreadState:
+    """The caller's thread-local torch modes that replica threads must run under too: grad
+    mode, inference mode and autocast (as ``nn.DataParallel``'s workers re-enter them)."""
+
+    def __init__(self, grad: bool, inference: bool, autocast: list[tuple[str, torch.dtype]]):
+        self.grad, self.inference, self.autocast = grad, inference, autocast
+
+    @classmethod
+    def capture(cls) -> _ThreadState:
+        kinds = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        autocast = [(k, torch.get_autocast_dtype(k)) for k in kinds
+                    if torch.is_autocast_enabled(k)]
+        return cls(torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast)
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.set_grad_enabled(self.grad))
+            if self.inference:
+                stack.enter_context(torch.inference_mode())
+            for kind, dtype in self.autocast:
+                stack.enter_context(torch.autocast(kind, dtype=dtype))
+            yield
+
+
 def _device_guard(device: torch.device) -> Any:
     if device.type == "cuda":
         return torch.cuda.device(device)
-    import contextlib
-
     return contextlib.nullcontext()

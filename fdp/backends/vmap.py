@@ -94,8 +94,9 @@ class VmapBackend(Backend):
         buffer_keys = list(plan.buffers) if plan.buffer_policy is not None else []
 
         def group_inputs(first: int, k: int, s: int) -> list[torch.Tensor]:
-            index = torch.arange(_replica_of(plan.layout, first), _replica_of(plan.layout, first)
-                                 + k, device=self.device)
+            # positions among the replicas that run (those with rows), as axis_size counts
+            start = _active_position(plan.layout, first)
+            index = torch.arange(start, start + k, device=self.device)
             shard = [(leaf if k * s == leaf.shape[d] else leaf.narrow(d, first, k * s))
                      .unflatten(d, (k, s))
                      for leaf, d in zip(leaves, dims, strict=True) if d is not None]
@@ -106,7 +107,7 @@ class VmapBackend(Backend):
 
         comm = None if len(groups) == 1 else _GroupsCannotCommunicate(plan.layout)
         # Replicas without rows do not run: the axis the collectives see is the one group.
-        axis_size = groups[0][1] if len(groups) == 1 else self.size
+        axis_size = sum(k for _, k, _ in groups)
 
         def per_replica(fn: Callable[..., Any]) -> Callable[..., Any]:
             def run(index: torch.Tensor, offset: torch.Tensor, *tensors: torch.Tensor) -> Any:
@@ -135,10 +136,10 @@ class VmapBackend(Backend):
         return (out, reduce_buffers(stacked, counts, plan.buffer_policy)), grads
 
 
-def _replica_of(layout: Layout, first_row: int) -> int:
-    """The first replica with rows whose shard starts at ``first_row``."""
-    return next(i for i, (off, s) in enumerate(zip(layout.offsets, layout.sizes, strict=True))
-                if off == first_row and s > 0)
+def _active_position(layout: Layout, first_row: int) -> int:
+    """How many replicas with rows hold rows before ``first_row``."""
+    return sum(1 for off, s in zip(layout.offsets, layout.sizes, strict=True)
+               if s > 0 and off < first_row)
 
 
 class _GroupsCannotCommunicate:

@@ -227,3 +227,23 @@ def dropout_on(mesh: fdp.Mesh, seed: int, rows: int, microbatches: int) -> dict:
 
 def dist_dropout(seed: int, rows: int, microbatches: int) -> dict:
     return dropout_on(mesh_here(), seed, rows, microbatches)
+
+
+# --- collectives inside the loss, with replicas that get no rows ------------------------------
+
+
+def centered_loss_on(mesh: fdp.Mesh, split: Any) -> dict:
+    """A loss that calls pmean over the mesh axis; replicas without rows do not take part."""
+    w = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    b = torch.arange(2.0 * sum(split), dtype=torch.float64).reshape(-1, 2)
+
+    def loss(p: dict, x: torch.Tensor) -> tuple:
+        info = torch.stack([fdp.axis_index("dp"), torch.tensor(fdp.axis_size("dp"))])
+        return ((x - fdp.pmean(x.mean(0), "dp")) @ p["w"]).pow(2).mean(), info.double()
+
+    (value, _), grads = fdp.value_and_grad(loss, mesh, has_aux=True, split=split)({"w": w}, b)
+    return {"loss": value, "grads": grads}
+
+
+def dist_centered_loss(split: Any) -> dict:
+    return centered_loss_on(mesh_here(), split)

@@ -9,7 +9,7 @@ import torch
 import fdp
 from tests.distributed import jobs
 
-CASES = [("sync", [4, 4, 3]), ("sync", [6, 0, 5]), ("replica0", "chunk"), ("mean", [5, 6]),
+CASES = [("sync", [4, 4, 3]), ("sync", [6, 0, 5, 0]), ("replica0", "chunk"), ("mean", [5, 6]),
          ("mean", "even")]
 
 

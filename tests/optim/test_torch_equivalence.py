@@ -154,4 +154,7 @@ def test_float32(data, name):
     ours_fn, torch_fn = OPTIMIZERS[name]
     ours, _ = run_ours(ours_fn(lr), params, grads)
     ref, _, _ = run_torch(lambda p: torch_fn(p, base), params, grads, sched)
-    assert_close(ours, ref, F32_REL)
+    # float32: rounding scales with the whole problem (adam divides by sqrt(v) + eps), so a
+    # leaf that ends near 0 is compared against the largest parameter, not its own size
+    scale = max(x.abs().max().item() for x in pytree.tree_leaves(ref) if x.numel())
+    torch.testing.assert_close(ours, ref, rtol=F32_REL, atol=F32_REL * scale)
