@@ -34,7 +34,6 @@ from fdp._primitives import gather, replicate, scatter
 __all__ = ["DataParallel"]
 
 _FN = "DataParallel"
-_BACKENDS = ("vmap", "threads")
 
 Tensors = dict[str, torch.Tensor]
 
@@ -64,8 +63,10 @@ class DataParallel(nn.Module):
         mesh: where the replicas run. Default: one replica per visible CUDA device
             (``fdp.Mesh(devices=["cuda:0", ...])``, threads backend) when the module is on a
             GPU and there are several, else ``fdp.Mesh(1)`` on the module's device: the
-            module itself, as ``nn.DataParallel`` without GPUs. A distributed mesh is not
-            supported: use :func:`fdp.data_parallel_step` there.
+            module itself, as ``nn.DataParallel`` without GPUs. On a distributed mesh
+            (``fdp.Mesh.distributed()``) every rank calls the wrapper with the same global
+            batch; each runs its rows, every rank gets the whole output, and ``.backward()``
+            sums the parameter gradients over the ranks (docs/migration.md).
         dim: the batch dimension of every tensor argument and output.
         split: how rows are split: ``"chunk"`` (``torch.chunk``'s rule, ``nn.DataParallel``'s),
             ``"even"`` (sizes differ by at most one) or a list of row counts per replica.
@@ -126,8 +127,6 @@ class DataParallel(nn.Module):
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         """Runs the module data-parallel on ``inputs``/``kwargs``; see the class docstring."""
         mesh = self.mesh
-        if mesh.backend not in _BACKENDS:
-            raise NotImplementedError(_DISTRIBUTED)
         params = dict(self.module.named_parameters())
         buffers = {k: v.detach() for k, v in self.module.named_buffers()}
         _check_devices({**params, **buffers}, mesh)
@@ -136,6 +135,14 @@ class DataParallel(nn.Module):
                         self.dim)
         synced = _sync_layers(self.module, self.buffer_policy)
         model = self._model()
+        if mesh.backend == "distributed":
+            from fdp import _data_parallel_dist
+
+            out, kept = _data_parallel_dist.forward(self, mesh, model, params, buffers, batch,
+                                                    layout, synced, _replica)
+            self._store(kept)
+            return out if self.output_device is None else _map_tensors(
+                lambda x: x.to(self.output_device), out)
         if layout.even or synced:  # SyncBatchNorm leaves padding rows out by itself
             out, stacked = self._run_mesh(mesh, model, params, buffers, batch, layout, False)
         elif mesh.backend == "vmap":
@@ -222,23 +229,14 @@ class DataParallel(nn.Module):
         """Writes the buffers that the policy keeps into the module (unchanged ones are left
         alone, so eval-mode running statistics saved for backward keep their version)."""
         counts = [s for s in layout.sizes if s > 0]
-        kept = reduce_buffers(stacked, counts, self.buffer_policy, _FN)
+        self._store(reduce_buffers(stacked, counts, self.buffer_policy, _FN))
+
+    def _store(self, kept: Tensors) -> None:
         live = dict(self.module.named_buffers())
         with torch.no_grad():
             for key, value in kept.items():
                 if not torch.equal(live[key], value):
                     live[key].copy_(value)
-
-
-_DISTRIBUTED = (
-    f"{_FN}: a distributed mesh (fdp.Mesh.distributed()) is not supported. nn.DataParallel's "
-    f"model is one process that sees the whole batch; over processes every rank would have "
-    f"to load the global batch, receive every rank's outputs, compute the same global loss, "
-    f"and all-reduce the parameter gradients after .backward(). Write the loss as a function "
-    f"and use fdp.data_parallel_step(loss_fn, optimizer, mesh) (or fdp.value_and_grad) on "
-    f"that mesh: each rank uses its own rows and the gradients are reduced in flat buckets "
-    f"during backward, as DDP does (docs/migration.md)"
-)
 
 
 def _check_options(module: Any, mesh: Any, dim: Any, split: Any, buffer_policy: Any,

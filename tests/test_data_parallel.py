@@ -13,7 +13,6 @@ from torch.func import functional_call
 
 import fdp
 from fdp._data_parallel import DataParallel
-from fdp.backends.vmap import VmapBackend
 from tests.helpers import F64_REL, assert_close, assert_unchanged, snapshot, splits
 
 F64 = torch.float64
@@ -339,20 +338,6 @@ class _Masked(nn.Module):
 class _Sum(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.sum()
-
-
-class _Distributed(VmapBackend):
-    name = "distributed"
-
-    def __init__(self, size: int) -> None:
-        super().__init__(size, torch.device("cpu"))
-        self.devices = (self.device,) * size
-
-
-def test_distributed_mesh_points_to_data_parallel_step():
-    mesh = fdp.Mesh.from_backend(_Distributed(2))
-    with pytest.raises(NotImplementedError, match=r"fdp\.data_parallel_step"):
-        DataParallel(nn.Linear(3, 2), mesh)(torch.randn(4, 3))
 
 
 def test_forward_is_pure_in_its_inputs_and_parameters():

@@ -247,3 +247,31 @@ def centered_loss_on(mesh: fdp.Mesh, split: Any) -> dict:
 
 def dist_centered_loss(split: Any) -> dict:
     return centered_loss_on(mesh_here(), split)
+
+
+# --- fdp.DataParallel -------------------------------------------------------------------------
+
+
+def data_parallel_on(mesh: fdp.Mesh, seed: int, sizes: tuple[int, ...], steps: int,
+                     bn: bool) -> dict:
+    """k torch.optim steps of fdp.DataParallel: params, last output and buffers."""
+    torch.manual_seed(seed)
+    layers = [nn.Linear(3, 6)] + ([fdp.nn.SyncBatchNorm(6)] if bn else []) + \
+        [nn.Tanh(), nn.Linear(6, 2)]
+    net = nn.Sequential(*layers).double()
+    dp = fdp.DataParallel(net, mesh, buffer_policy="sync" if bn else "replica0")
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    out = None
+    for rows in sizes[:steps]:
+        x = torch.randn(rows, 3, dtype=torch.float64)
+        y = torch.randn(rows, 2, dtype=torch.float64)
+        opt.zero_grad()
+        out = dp(x)
+        ((out - y) ** 2).mean().backward()
+        opt.step()
+    return {"params": {k: v.detach() for k, v in net.named_parameters()},
+            "buffers": dict(net.named_buffers()), "out": out.detach()}
+
+
+def dist_data_parallel(seed: int, sizes: tuple[int, ...], steps: int, bn: bool) -> dict:
+    return data_parallel_on(mesh_here(), seed, sizes, steps, bn)
