@@ -68,14 +68,22 @@ class _GatherRows(torch.autograd.Function):
 def forward(dp: Any, mesh: Any, model: Any, params: Tensors, buffers: Tensors, batch: tuple,
             layout: Layout, synced: bool, run_replica: Any) -> tuple[Any, Tensors]:
     """This rank's part of ``DataParallel.forward``: ``(global output, kept buffers)``."""
+    from fdp._data_parallel import _check_rows
+
     comm = mesh.impl.comm()
     rank, m = comm.index(), layout.max_size
-    keys = list(params)
-    used = dict(zip(keys, _SumGradsOverRanks.apply(comm, *params.values()), strict=True))
+    # Parameters and differentiable inputs get their gradients summed over the ranks: each
+    # rank's backward only reaches its own rows' contributions.
+    leaves, treedef = _tree.flatten(batch)
+    summed = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.requires_grad]
+    routed = list(_SumGradsOverRanks.apply(comm, *params.values(), *(leaves[i] for i in summed))) \
+        if params or summed else []
+    used = dict(zip(params, routed[:len(params)], strict=True))
+    for i, x in zip(summed, routed[len(params):], strict=True):
+        leaves[i] = x
     rows = layout.padded_index()[rank * m:(rank + 1) * m]
-    local = _tree.map_with_path(
-        lambda _, x: x.index_select(dp.dim, rows.to(x.device)) if isinstance(x, torch.Tensor)
-        else x, batch)
+    local = _tree.unflatten([x.index_select(dp.dim, rows.to(x.device))
+                             if isinstance(x, torch.Tensor) else x for x in leaves], treedef)
     mask = (torch.arange(m) < layout.sizes[rank]).to(mesh.devices[0])
     frame = AxisFrame(mesh.axis_name, mesh.size, torch.tensor(rank, device=mask.device),
                       comm=comm, mask=mask if synced else None,
@@ -84,7 +92,10 @@ def forward(dp: Any, mesh: Any, model: Any, params: Tensors, buffers: Tensors, b
     with bind_axis(frame):
         out, new_buffers = run_replica(model.apply, dp.dim, m)(used, dict(buffers), count,
                                                                local)
-    anchor = used[keys[0]]
+    for path, x in _tree.leaves_with_path(out, "out"):  # every rank, before any collective
+        if isinstance(x, torch.Tensor):
+            _check_rows(path, tuple(x.shape), m, dp.dim)
+    anchor = routed[0] if routed else torch.zeros(())
     real = layout.real_index(mask.device)
 
     def gather(_: str, x: Any) -> Any:

@@ -355,3 +355,16 @@ def test_replicas_must_agree_on_non_tensor_outputs_and_dtypes():
     with pytest.raises(ValueError, match="different shape or dtype"):
         fdp.pmap(lambda x: x.double() if int(fdp.axis_index("dp")) else x, mesh)(torch.ones(3))
     assert fdp.pmap(lambda x: (x, "same"), mesh)(torch.ones(3))[1] == "same"
+
+
+def test_an_extra_collective_on_one_replica_is_named():
+    mesh = fdp.Mesh(devices=["cpu"] * 2, timeout=0.5)
+
+    def body(v):
+        out = fdp.psum(v, "dp")
+        if int(fdp.axis_index("dp")) == 1:
+            out = fdp.psum(out, "dp")
+        return out
+
+    with pytest.raises(TimeoutError, match=r"replica\(s\) 1 waited .* finished without"):
+        fdp.pmap(body, mesh)(torch.ones(2))

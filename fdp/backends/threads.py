@@ -165,7 +165,7 @@ class ThreadComm(Communicator):
     def tracked_all_reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
         """All-reduce whose result is computed from every replica's tracked input (autograd
         then differentiates across replicas without any communication in backward)."""
-        stacked = self.all_gather(x, f"psum/all_reduce ({op})")
+        stacked = self.all_gather(x, f"psum/all_reduce({op}) [grad mode on]")
         if op == "sum":
             return stacked.sum(0)
         if op == "mean":
@@ -282,7 +282,13 @@ class ThreadsBackend(SpmdBackend):
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._pool = None  # a stuck thread keeps its worker; start fresh ones
         self._comm = ThreadComm(self.devices, self.timeout)
-        names = ", ".join(f"{r} (device {self.devices[r]})" for r in stuck) or "?"
+        if not stuck:  # everyone else finished: the waiting ones made a call the others did not
+            names = ", ".join(str(r) for r in sorted(waiting))
+            return TimeoutError(
+                f"replica(s) {names} waited {self.timeout} s in a collective that the other "
+                f"replicas finished without: every replica must make the same collective calls"
+            )
+        names = ", ".join(f"{r} (device {self.devices[r]})" for r in stuck)
         return TimeoutError(
             f"replica{'s' if len(stuck) > 1 else ''} {names} did not finish within "
             f"{self.timeout} s "

@@ -275,3 +275,27 @@ def data_parallel_on(mesh: fdp.Mesh, seed: int, sizes: tuple[int, ...], steps: i
 
 def dist_data_parallel(seed: int, sizes: tuple[int, ...], steps: int, bn: bool) -> dict:
     return data_parallel_on(mesh_here(), seed, sizes, steps, bn)
+
+
+def data_parallel_edges_on(mesh: fdp.Mesh) -> dict:
+    """A module without parameters, an input gradient, and a scalar output's error."""
+    x = torch.arange(10.0, dtype=torch.float64).reshape(5, 2).requires_grad_()
+    relu = fdp.DataParallel(nn.ReLU(), mesh)(x - 4)
+    torch.manual_seed(0)
+    lin = nn.Linear(2, 3).double()
+    (fdp.DataParallel(lin, mesh)(x) ** 2).sum().backward()
+    try:
+        fdp.DataParallel(_ScalarOut(), mesh)(torch.ones(4, 2))
+        error = ""
+    except ValueError as e:
+        error = str(e)
+    return {"relu": relu.detach(), "x_grad": x.grad, "error": "returned a scalar" in error}
+
+
+class _ScalarOut(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum()
+
+
+def dist_data_parallel_edges() -> dict:
+    return data_parallel_edges_on(mesh_here())

@@ -17,3 +17,11 @@ def test_data_parallel_training_equals_one_device(pool, n, sizes, bn):
     want = jobs.data_parallel_on(fdp.Mesh(1), 0, sizes, len(sizes), bn)
     for got in pool.run(jobs.dist_data_parallel, n, args=(0, sizes, len(sizes), bn)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_parameterless_modules_input_gradients_and_scalar_outputs(pool, n):
+    want = jobs.data_parallel_edges_on(fdp.Mesh(1))
+    assert want["error"]
+    for got in pool.run(jobs.dist_data_parallel_edges, n):
+        torch.testing.assert_close(got, want)
