@@ -29,49 +29,15 @@ from typing import Any
 import torch
 
 from fdp import _collectives
+from fdp._philox import _MASK, _philox, _words
 
 __all__ = ["bernoulli", "bits", "fold_in", "key", "key_context", "next_key", "normal",
            "row_index", "split", "uniform", "with_key"]
 
-_MASK = 0xFFFFFFFF
-_M0, _M1 = 0xD2511F53, 0xCD9E8D57  # Philox-4x32 multipliers (Salmon et al. 2011)
-_W0, _W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key increments
-_ROUNDS = 10
 _SPLIT_TAG = (0x243F6A88, 0x85A308D3)  # key tweaks that separate derived keys from samples
 _FOLD_TAG = (0x13198A2E, 0x03707344)
 
 Shape = int | Sequence[int]
-
-
-# --- Philox-4x32-10 on int64 carriers ---------------------------------------------------------
-
-def _mulhilo(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """High and low 32-bit words of ``x * m`` for 32-bit ``x`` and ``2**31 <= m < 2**32``.
-
-    ``x * m = p + x * 2**32`` with ``p = x * (m - 2**32)`` in ``(-2**63, 0]``: no int64
-    overflow. ``p``'s low word is the product's; torch's ``>>`` is an arithmetic shift
-    (floor division by ``2**32``), so the high word is ``(p >> 32) + x``, masked.
-    """
-    p = x * (m - 2**32)
-    return ((p >> 32) + x) & _MASK, p & _MASK
-
-
-def _philox(c: tuple, k: tuple) -> tuple[torch.Tensor, ...]:
-    """Philox-4x32-10 of counter words ``c`` (4) under key words ``k`` (2); broadcasts."""
-    c0, c1, c2, c3 = c
-    k0, k1 = k
-    for r in range(_ROUNDS):
-        if r:
-            k0, k1 = (k0 + _W0) & _MASK, (k1 + _W1) & _MASK
-        hi0, lo0 = _mulhilo(c0, _M0)
-        hi1, lo1 = _mulhilo(c2, _M1)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-    return c0, c1, c2, c3
-
-
-def _words(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Low and high 32-bit words of an int64 tensor (two's complement bits)."""
-    return v & _MASK, (v >> 32) & _MASK
 
 
 # --- keys -------------------------------------------------------------------------------------
