@@ -39,6 +39,7 @@ from fdp._layout import Layout, Sharded, SplitRule, split_sizes
 from fdp._mesh import Mesh
 from fdp._pmap import pmap
 from fdp._primitives import gather, replicate, scatter
+from fdp.backends._comm import Unreachable
 
 __all__ = ["DataParallel"]
 
@@ -312,38 +313,21 @@ def _check_rows(path: str, shape: tuple[int, ...], rows: int, dim: int) -> None:
         )
 
 
-class _NoCollectives:
-    """The communicator of a replica group that runs apart from the rest of the mesh."""
-
-    def __init__(self, layout: Layout) -> None:
-        self.layout = layout
-
-    def _fail(self, *_: Any) -> torch.Tensor:
-        raise ValueError(
-            f"{_FN}: the module calls a collective, but on a vmap mesh an uneven split "
-            f"({self.layout.sizes} rows) runs replicas with different row counts apart. Use a "
-            f"batch size divisible by the mesh size, a threads mesh, or fdp.nn.SyncBatchNorm "
-            f"(which handles uneven splits)"
-        )
-
-    index = all_reduce = all_gather = broadcast = all_reduce_many = _fail
-    tracked_all_reduce = tracked_all_gather = _fail
-
-    def pinned(self) -> _NoCollectives:
-        return self
-
-
 def _no_collectives(fn: Callable[..., Any], mesh: Mesh, first: int,
                     layout: Layout) -> Callable[..., Any]:
     """Runs ``fn`` with the group's axis rebound to the replicas that run (those with rows: as
     in ``fdp.value_and_grad``), where any collective raises (a group cannot reach the others)."""
-    active = [off for off, s in zip(layout.offsets, layout.sizes, strict=True) if s > 0]
-    position = sum(1 for off in active if off < layout.offsets[first])
+    position = layout.active_position(layout.offsets[first])
+    unreachable = Unreachable(layout.active_count, (
+        f"{_FN}: the module calls a collective, but on a vmap mesh an uneven split "
+        f"({layout.sizes} rows) runs replicas with different row counts apart. Use a batch "
+        f"size divisible by the mesh size, a threads mesh, or fdp.nn.SyncBatchNorm (which "
+        f"handles uneven splits)"))
 
     def run(*args: Any) -> Any:
         frame = lookup(mesh.axis_name, _FN)
-        shadow = dataclasses.replace(frame, size=len(active), index=frame.index + position,
-                                     comm=_NoCollectives(layout))
+        shadow = dataclasses.replace(frame, size=layout.active_count,
+                                     index=frame.index + position, comm=unreachable)
         offset = getattr(frame, "offset", None)  # row offsets: of the whole batch, not the group
         if offset is not None:
             shadow = dataclasses.replace(shadow, offset=offset + layout.offsets[first])

@@ -70,6 +70,17 @@ class Layout:
         idx = [i * m + r for i, s in enumerate(self.sizes) for r in range(s)]
         return torch.tensor(idx, dtype=torch.int64, device=device)
 
+    def active_position(self, first_row: int) -> int:
+        """How many replicas with rows hold rows before ``first_row``: the index, among the
+        replicas that run, of the one whose shard starts there."""
+        return sum(1 for off, s in zip(self.offsets, self.sizes, strict=True)
+                   if s > 0 and off < first_row)
+
+    @property
+    def active_count(self) -> int:
+        """The number of replicas that receive rows."""
+        return sum(1 for s in self.sizes if s > 0)
+
     def groups(self) -> list[tuple[int, int, int]]:
         """Runs of consecutive replicas with equal non-zero size: ``(first_row, k, size)``."""
         runs: list[tuple[int, int, int]] = []

@@ -50,3 +50,22 @@ class Communicator(ABC):
         """This communicator bound to the calling replica, usable from any thread (autograd
         may run a collective's backward in one of its own threads)."""
         return self
+
+
+class Unreachable(Communicator):
+    """The communicator of replicas that cannot reach the rest of their axis (separate vmapped
+    groups, ranks without a common process group): every collective raises ``ValueError``
+    with ``message`` at once, on every replica that calls it, instead of reducing over part of
+    the axis or waiting forever."""
+
+    def __init__(self, size: int, message: str) -> None:
+        self.size, self.message = size, message
+
+    def _fail(self, *_: object) -> torch.Tensor:
+        raise ValueError(self.message)
+
+    index = all_reduce = all_gather = broadcast = all_reduce_many = _fail  # type: ignore[assignment]
+    tracked_all_reduce = tracked_all_gather = _fail
+
+    def pinned(self) -> Communicator:
+        return self

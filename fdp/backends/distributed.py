@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from fdp import _tree
 from fdp._layout import Layout
+from fdp.backends._comm import Unreachable
 from fdp.backends._dist_comm import (
     FIRST_BUCKET_BYTES,
     DistComm,
@@ -42,26 +43,6 @@ __all__ = ["DistributedBackend", "PeerFailure", "PeerTimeout"]
 
 
 _SUBGROUPS: dict[tuple, Any] = {}  # process groups over subsets of ranks (see active_comm)
-
-
-class _NoSubgroup:
-    """The loss's communicator when some ranks got no rows and no group over the others can be
-    made: any collective raises at once, on every rank that calls it (never a hang)."""
-
-    def __init__(self, replicas: tuple[int, ...], size: int) -> None:
-        self.replicas, self.size = replicas, len(replicas)
-        self.mesh_size = size
-
-    def _fail(self, *_: Any) -> Any:
-        raise ValueError(
-            f"a collective inside loss_fn on a distributed mesh over a process subgroup, with "
-            f"ranks that received no rows (only ranks {list(self.replicas)} of "
-            f"{self.mesh_size} did): the ranks with rows cannot be grouped here. Use "
-            f"split='even' with at least {self.mesh_size} rows per batch (drop the last, "
-            f"short batch), or a mesh over the whole world"
-        )
-
-    index = all_reduce = all_gather = broadcast = all_reduce_many = pinned = _fail
 
 
 class DistributedBackend(SpmdBackend):
@@ -138,7 +119,12 @@ class DistributedBackend(SpmdBackend):
         if replicas not in self._subcomms:
             whole = self.group is None or self.group == dist.group.WORLD
             if not whole:
-                self._subcomms[replicas] = _NoSubgroup(replicas, self.size)
+                self._subcomms[replicas] = Unreachable(len(replicas), (
+                    f"a collective inside loss_fn on a distributed mesh over a process "
+                    f"subgroup, with ranks that received no rows (only ranks {list(replicas)} "
+                    f"of {self.size} did): the ranks with rows cannot be grouped here. Use "
+                    f"split='even' with at least {self.size} rows per batch (drop the last, "
+                    f"short batch), or a mesh over the whole world"))
             else:
                 key = (replicas, id(dist.group.WORLD))
                 if key not in _SUBGROUPS:  # one group per set of ranks, for the process

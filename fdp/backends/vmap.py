@@ -13,6 +13,7 @@ from fdp._buffers import reduce_buffers
 from fdp._collectives import AxisFrame, bind_axis
 from fdp._layout import Layout
 from fdp.backends._base import Backend
+from fdp.backends._comm import Unreachable
 
 
 class VmapBackend(Backend):
@@ -95,7 +96,7 @@ class VmapBackend(Backend):
 
         def group_inputs(first: int, k: int, s: int) -> list[torch.Tensor]:
             # positions among the replicas that run (those with rows), as axis_size counts
-            start = _active_position(plan.layout, first)
+            start = plan.layout.active_position(first)
             index = torch.arange(start, start + k, device=self.device)
             shard = [(leaf if k * s == leaf.shape[d] else leaf.narrow(d, first, k * s))
                      .unflatten(d, (k, s))
@@ -105,9 +106,13 @@ class VmapBackend(Backend):
             offsets = first + s * torch.arange(k, device=self.device)
             return [index, offsets, *bufs, *shard]
 
-        comm = None if len(groups) == 1 else _GroupsCannotCommunicate(plan.layout)
+        comm = None if len(groups) == 1 else Unreachable(plan.layout.active_count, (
+            f"collectives inside value_and_grad's loss_fn on the vmap backend need every "
+            f"replica to hold the same number of rows, but the batch of {plan.layout.total} "
+            f"splits into {plan.layout.sizes}; use a batch size divisible by the mesh size, "
+            f"or a threads mesh (fdp.Mesh(devices=[...]))"))
         # Replicas without rows do not run: the axis the collectives see is the one group.
-        axis_size = sum(k for _, k, _ in groups)
+        axis_size = plan.layout.active_count
 
         def per_replica(fn: Callable[..., Any]) -> Callable[..., Any]:
             def run(index: torch.Tensor, offset: torch.Tensor, *tensors: torch.Tensor) -> Any:
@@ -134,29 +139,6 @@ class VmapBackend(Backend):
             return out, grads
         counts = [s for s in plan.layout.sizes if s > 0]
         return (out, reduce_buffers(stacked, counts, plan.buffer_policy)), grads
-
-
-def _active_position(layout: Layout, first_row: int) -> int:
-    """How many replicas with rows hold rows before ``first_row``."""
-    return sum(1 for off, s in zip(layout.offsets, layout.sizes, strict=True)
-               if s > 0 and off < first_row)
-
-
-class _GroupsCannotCommunicate:
-    """The communicator of a fused step whose replicas run as separate vmapped groups."""
-
-    def __init__(self, layout: Layout) -> None:
-        self.layout = layout
-
-    def _fail(self, *_: Any) -> torch.Tensor:
-        raise ValueError(
-            f"collectives inside value_and_grad's loss_fn on the vmap backend need every "
-            f"replica to hold the same number of rows, but the batch of {self.layout.total} "
-            f"splits into {self.layout.sizes}; use a batch size divisible by the mesh size, "
-            f"or a threads mesh (fdp.Mesh(devices=[...]))"
-        )
-
-    index = all_reduce = all_gather = broadcast = all_reduce_many = _fail
 
 
 def _plain_autograd_ok(params: dict) -> bool:
