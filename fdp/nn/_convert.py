@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -140,15 +141,24 @@ def _uninitialized(module: nn.Module) -> bool:
                for t in [*module.parameters(), *module.buffers()])
 
 
+def replace_layers(module: nn.Module, swap: Callable[[nn.Module], nn.Module | None]
+                   ) -> nn.Module:
+    """``module`` (a private copy) with every layer for which ``swap`` returns a replacement
+    replaced by it; ``swap`` returns ``None`` to keep a layer and look inside it."""
+    new = swap(module)
+    if new is not None:
+        return new
+    for name, child in module.named_children():
+        replaced = replace_layers(child, swap)
+        if replaced is not child:
+            setattr(module, name, replaced)
+    return module
+
+
 def _convert(module: nn.Module, axis_name: str) -> nn.Module:
     """Replaces BatchNorm layers in ``module`` (a private copy) and returns it."""
-    if isinstance(module, _BatchNorm):
-        return _sync_layer(module, axis_name)
-    for name, child in module.named_children():
-        new = _convert(child, axis_name)
-        if new is not child:
-            setattr(module, name, new)
-    return module
+    return replace_layers(module, lambda m: _sync_layer(m, axis_name)
+                          if isinstance(m, _BatchNorm) else None)
 
 
 def _sync_layer(bn: _BatchNorm, axis_name: str) -> SyncBatchNorm:

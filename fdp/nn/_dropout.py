@@ -155,11 +155,7 @@ def convert_dropout(module: nn.Module, *, axis_name: str | None = None) -> nn.Mo
 
 
 def _convert(module: nn.Module, axis_name: str | None) -> nn.Module:
-    if type(module) is nn.Dropout:
-        layer = Dropout(module.p, axis_name=axis_name)
-        return layer.train(module.training)
-    for name, child in module.named_children():
-        new = _convert(child, axis_name)
-        if new is not child:
-            setattr(module, name, new)
-    return module
+    from fdp.nn._convert import replace_layers
+
+    return replace_layers(module, lambda m: Dropout(m.p, axis_name=axis_name).train(m.training)
+                          if type(m) is nn.Dropout else None)

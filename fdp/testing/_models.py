@@ -78,21 +78,12 @@ class SmallCNN(nn.Module):
         return self.head(self.body(x))
 
 
-class KwargsNet(nn.Module):
+class KwargsNet(MLP):
     """``forward(inputs, *, scale=1.0, mask=None) -> [B, d_out]`` with a nested input.
 
     ``inputs`` is ``{"x": [B, d_in], "aux": ([B, hidden],)}``; ``mask`` ``[B]`` multiplies the
     hidden rows. Submodules: ``body.fc``, ``body.bn``, ``body.act``, ``body.drop``, ``head``.
     """
-
-    def __init__(self, d_in: int = 4, hidden: int = 5, d_out: int = 3, *,
-                 batchnorm: bool = False, dropout: float = 0.0) -> None:
-        super().__init__()
-        layers = [("fc", nn.Linear(d_in, hidden))]
-        layers += _extras(hidden, nn.BatchNorm1d if batchnorm else None, 0.0)
-        layers += [("act", nn.Tanh()), *_extras(hidden, None, dropout)]
-        self.body = _body(layers)
-        self.head = nn.Linear(hidden, d_out)
 
     def forward(self, inputs: dict, *, scale: float = 1.0,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
