@@ -55,34 +55,31 @@ def _single_device(net: nn.Module, batch: dict) -> tuple:
     return loss.detach(), dict(zip(names, grads, strict=True)), dict(net.named_buffers())
 
 
+def _assert_sync_equals_single_device(net: nn.Module, batch: dict, mesh: fdp.Mesh,
+                                      split: str = "chunk") -> None:
+    model = fdp.functionalize(fdp.nn.convert_sync_batchnorm(net))
+    (loss, buffers), grads = fdp.value_and_grad(_loss_fn(model), mesh, split=split,
+                                                buffer_policy="sync")(
+        model.params, model.buffers, batch)
+    ref_loss, ref_grads, ref_buffers = _single_device(net, batch)
+    _close(loss, ref_loss)
+    _close(grads, ref_grads)
+    _close(buffers, ref_buffers)
+
+
 @given(n=st.integers(1, 4), per=st.integers(2, 4), seed=st.integers(0, 50),
        momentum=st.sampled_from([0.1, None]))
 def test_sync_equals_single_device_on_vmap(n, per, seed, momentum):
-    net = _net(seed, momentum=momentum)
-    batch = _batch(n * per)
-    model = fdp.functionalize(fdp.nn.convert_sync_batchnorm(net))
-    (loss, buffers), grads = fdp.value_and_grad(_loss_fn(model), fdp.Mesh(n),
-                                                buffer_policy="sync")(
-        model.params, model.buffers, batch)
-    ref_loss, ref_grads, ref_buffers = _single_device(net, batch)
-    _close(loss, ref_loss)
-    _close(grads, ref_grads)
-    _close(buffers, ref_buffers)
+    _assert_sync_equals_single_device(_net(seed, momentum=momentum), _batch(n * per),
+                                      fdp.Mesh(n))
 
 
 @given(n=st.integers(1, 4), rows=st.integers(2, 11), seed=st.integers(0, 50),
-       split=st.sampled_from(["chunk", "even"]))
-def test_sync_equals_single_device_on_threads_with_uneven_shards(n, rows, seed, split):
-    net = _net(seed)
-    batch = _batch(rows)
-    model = fdp.functionalize(fdp.nn.convert_sync_batchnorm(net))
-    (loss, buffers), grads = fdp.value_and_grad(_loss_fn(model), threads_mesh(n), split=split,
-                                                buffer_policy="sync")(
-        model.params, model.buffers, batch)
-    ref_loss, ref_grads, ref_buffers = _single_device(net, batch)
-    _close(loss, ref_loss)
-    _close(grads, ref_grads)
-    _close(buffers, ref_buffers)
+       split=st.sampled_from(["chunk", "even"]), momentum=st.sampled_from([0.1, None]))
+def test_sync_equals_single_device_on_threads_with_uneven_shards(n, rows, seed, split,
+                                                                 momentum):
+    _assert_sync_equals_single_device(_net(seed, momentum=momentum), _batch(rows),
+                                      threads_mesh(n), split)
 
 
 @given(n=st.integers(1, 4), per=st.integers(2, 4), seed=st.integers(0, 50))
