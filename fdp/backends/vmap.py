@@ -163,7 +163,8 @@ def _autograd_value_and_grad(total: Callable, params: dict) -> tuple[Any, Any, d
     for k, g in grads.items():
         if g is None:  # a parameter the loss does not use (torch.func.grad gives zeros too)
             grads[k] = torch.zeros_like(params[k])
-    extras = _tree.map_with_path(lambda _, x: x.detach() if _is_tensor(x) else x, extras)
+    if extras != ({}, {}):  # only aux or buffers need detaching (skips two tree walks)
+        extras = _tree.map_with_path(lambda _, x: x.detach() if _is_tensor(x) else x, extras)
     return loss.detach(), extras, grads
 
 
@@ -177,11 +178,11 @@ def _weighted_total(plan, groups, group_inputs, per_replica, in_dims):
     def total(params: dict) -> tuple[torch.Tensor, Any]:
         acc, auxes, buffers = None, [], []
         for first, k, s in groups:
-            # vmap outputs must be tensors: absent parts travel as empty dicts
-            fn = per_replica(lambda shard, bufs: tuple(
-                {} if x is None else x for x in plan.call_loss(params, shard, bufs)))
-            losses, aux, new_buffers = vmap(fn, in_dims=in_dims, randomness=plan.randomness)(
+            # vmap outputs must be tensors: absent parts stay out (the loss alone is cheapest)
+            fn = per_replica(lambda shard, bufs: _present(plan.call_loss(params, shard, bufs)))
+            out = vmap(fn, in_dims=in_dims, randomness=plan.randomness)(
                 *group_inputs(first, k, s))
+            losses, aux, new_buffers = out if isinstance(out, tuple) else (out, None, None)
             weight = s / batch_size if plan.reduction == "mean" else 1.0
             term = losses.sum() * weight
             acc = term if acc is None else acc + term
@@ -192,6 +193,13 @@ def _weighted_total(plan, groups, group_inputs, per_replica, in_dims):
         return acc, (aux, stacked)
 
     return total
+
+
+def _present(parts: tuple) -> Any:
+    """``(loss, aux, new_buffers)`` for vmap: the loss alone when the others are absent."""
+    if parts[1] is None and parts[2] is None:
+        return parts[0]
+    return tuple({} if x is None else x for x in parts)
 
 
 def _gathered_total(plan, batch, groups, group_inputs, per_replica, in_dims):
