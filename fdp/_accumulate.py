@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 from fdp import _check, _tree
-from fdp._layout import SplitRule, split_sizes
-from fdp._primitives import batch_size
+from fdp._inputs import batch_size
+from fdp._layout import split_sizes
+from fdp.backends._options import Reduction, SplitRule, check_reduction
 
 __all__ = ["accumulate"]
 
@@ -23,7 +24,7 @@ def accumulate(
     has_aux: bool = False,
     split: SplitRule = "even",
     dim: int = 0,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
 ) -> ValueAndGrad:
     """Runs ``value_and_grad_fn`` on ``microbatches`` slices of the batch, one after another,
     and combines them into the full batch's loss and gradient.
@@ -58,8 +59,7 @@ def accumulate(
     _check.integer(microbatches, "accumulate", "microbatches")
     if microbatches < 1:
         raise ValueError(f"accumulate: microbatches must be ≥ 1, got {microbatches}")
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"accumulate: unknown reduction={reduction!r}; use 'mean' or 'sum'")
+    reduction = check_reduction(reduction, "accumulate")
     if isinstance(split, str):
         split_sizes(1, 1, split, "accumulate")
 

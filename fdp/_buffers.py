@@ -20,18 +20,16 @@ from collections.abc import Sequence
 
 import torch
 
-POLICIES = ("replica0", "mean", "sync")
+from fdp.backends._comm import Communicator
+from fdp.backends._options import BufferPolicy
+
+__all__ = ["exchange_buffers", "reduce_buffers"]
 
 
-def check_policy(policy: object, fn: str) -> None:
-    if policy is not None and policy not in POLICIES:
-        raise ValueError(f"{fn}: unknown buffer_policy={policy!r}; use one of {POLICIES} "
-                         f"(or None when loss_fn has no buffers)")
-
-
-def reduce_buffers(stacked: dict[str, torch.Tensor], counts: Sequence[int], policy: str,
+def reduce_buffers(stacked: dict[str, torch.Tensor], counts: Sequence[int], policy: BufferPolicy,
                    fn: str = "value_and_grad") -> dict[str, torch.Tensor]:
-    """One value per buffer from ``stacked`` (leading axis: the replicas that got rows)."""
+    """One value per buffer from ``stacked`` (leading axis: the replicas that got rows, whose
+    row counts are ``counts``)."""
     weights = torch.tensor([float(c) for c in counts], dtype=torch.float64)
     out = {}
     for key, value in stacked.items():
@@ -54,3 +52,22 @@ def reduce_buffers(stacked: dict[str, torch.Tensor], counts: Sequence[int], poli
         else:
             out[key] = value[0]
     return out
+
+
+def exchange_buffers(comm: Communicator, buffers: dict[str, torch.Tensor], sizes: Sequence[int],
+                     policy: BufferPolicy, fn: str = "value_and_grad") -> dict[str, torch.Tensor]:
+    """:func:`reduce_buffers` for replicas that each hold their own buffers (threads,
+    processes): one all-gather per dtype, then every replica applies the policy to the same
+    stacked values, so all of them keep bit-identical buffers (or all raise).
+
+    ``sizes`` are every replica's row counts (``layout.sizes``); replicas without rows are left
+    out, as they did not run.
+    """
+    if not buffers:
+        return {}
+    keys = list(buffers)
+    active = [i for i, s in enumerate(sizes) if s > 0]
+    gathered = comm.all_gather_many([buffers[k] for k in keys])
+    stacked = {k: v[active] if len(active) < len(sizes) else v
+               for k, v in zip(keys, gathered, strict=True)}
+    return reduce_buffers(stacked, [sizes[i] for i in active], policy, fn)

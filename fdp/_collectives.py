@@ -18,73 +18,17 @@ the pmap sees the right transpose; ``backward`` covers ``grad`` inside the pmap
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fdp import _tree
+from fdp._compat import in_functorch_transform
+from fdp.backends._comm import Communicator
+from fdp.backends._frame import AxisFrame, lookup
+from fdp.backends._options import ReduceOp
 
 __all__ = ["all_gather", "axis_index", "axis_size", "pmax", "pmean", "pmin", "psum"]
-
-
-@dataclass(frozen=True)
-class AxisFrame:
-    """One bound mesh axis.
-
-    ``comm`` is ``None`` on the vmap backend (collectives are vmap rules); the threads and
-    distributed backends give a :class:`fdp.backends._comm.Communicator` that moves data between
-    replicas. ``mask`` marks this replica's real rows when the mapped batch was padded (an
-    uneven :func:`fdp.scatter`), else ``None``. ``offset`` is the position of this replica's
-    first row in the full batch (an int64 scalar tensor) when the batch was split by fdp, so
-    that per-row randomness can follow the example rather than the replica.
-    """
-
-    name: str
-    size: int
-    index: torch.Tensor
-    comm: Any = None
-    mask: torch.Tensor | None = None
-    offset: torch.Tensor | None = None
-    tape: bool = False  # collectives may build one autograd graph across replica threads
-
-
-_state = threading.local()
-
-
-def _frames() -> list[AxisFrame]:
-    if not hasattr(_state, "frames"):
-        _state.frames = []
-    return _state.frames
-
-
-@contextmanager
-def bind_axis(frame: AxisFrame) -> Iterator[None]:
-    frames = _frames()
-    frames.append(frame)
-    try:
-        yield
-    finally:
-        frames.pop()
-
-
-def lookup(axis_name: Any, fn: str) -> AxisFrame:
-    if not isinstance(axis_name, str):
-        raise TypeError(f"{fn}: axis_name must be a str, got {type(axis_name).__name__}")
-    frames = _frames()
-    for frame in reversed(frames):
-        if frame.name == axis_name:
-            return frame
-    if not frames:
-        raise ValueError(
-            f"{fn}: axis name {axis_name!r} is not bound: collectives only work inside a "
-            f"function mapped with fdp.pmap(fn, mesh, axis_name={axis_name!r})"
-        )
-    bound = tuple(f.name for f in reversed(frames))
-    raise ValueError(f"{fn}: unknown axis name {axis_name!r}; bound axis names: {bound}")
 
 
 def _guard_compile(fn: str) -> None:
@@ -96,7 +40,7 @@ def _guard_compile(fn: str) -> None:
         )
 
 
-def _reduce(op: str, x: torch.Tensor, dim: int | None, n: int) -> torch.Tensor:
+def _reduce(op: ReduceOp, x: torch.Tensor, dim: int | None, n: int) -> torch.Tensor:
     if dim is None:  # replicated value: closed form
         if op == "sum":
             return x * n
@@ -112,7 +56,7 @@ def _reduce(op: str, x: torch.Tensor, dim: int | None, n: int) -> torch.Tensor:
 
 class _AllReduce(torch.autograd.Function):
     @staticmethod
-    def forward(x: torch.Tensor, index: torch.Tensor, op: str, n: int) -> torch.Tensor:
+    def forward(x: torch.Tensor, index: torch.Tensor, op: ReduceOp, n: int) -> torch.Tensor:
         raise RuntimeError("fdp internal error: collective evaluated outside its vmap level")
 
     @staticmethod
@@ -144,7 +88,7 @@ class _AllReduce(torch.autograd.Function):
         return _AllReduce.apply(x_t * hit, ctx.index, "sum", ctx.n) / ties
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple, x: torch.Tensor, index: torch.Tensor, op: str, n: int):
+    def vmap(info: Any, in_dims: tuple, x: torch.Tensor, index: torch.Tensor, op: ReduceOp, n: int):
         x_dim, index_dim = in_dims[0], in_dims[1]
         if index_dim is None:  # a vmap level inside the pmap: pass through
             return _AllReduce.apply(x, index, op, n), x_dim
@@ -184,7 +128,7 @@ class _CommAllReduce(torch.autograd.Function):
     """A collective through a communicator (threads and distributed backends)."""
 
     @staticmethod
-    def forward(x: torch.Tensor, comm: Any, op: str) -> torch.Tensor:
+    def forward(x: torch.Tensor, comm: Communicator, op: ReduceOp) -> torch.Tensor:
         return comm.all_reduce(x, op)
 
     @staticmethod
@@ -215,7 +159,7 @@ class _CommAllReduce(torch.autograd.Function):
         return _CommAllReduce.apply(x_t * hit, ctx.comm, "sum") / ties
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple, x: torch.Tensor, comm: Any, op: str):
+    def vmap(info: Any, in_dims: tuple, x: torch.Tensor, comm: Communicator, op: ReduceOp):
         # A vmap inside the replica: every replica has the same vmapped size, so one
         # elementwise collective over the stacked values serves all vmapped entries.
         if in_dims[0] is None:
@@ -225,7 +169,7 @@ class _CommAllReduce(torch.autograd.Function):
 
 class _CommAllGather(torch.autograd.Function):
     @staticmethod
-    def forward(x: torch.Tensor, comm: Any, axis: int) -> torch.Tensor:
+    def forward(x: torch.Tensor, comm: Communicator, axis: int) -> torch.Tensor:
         return comm.all_gather(x).movedim(0, axis)
 
     @staticmethod
@@ -243,7 +187,7 @@ class _CommAllGather(torch.autograd.Function):
         return _CommAllGather.apply(x_t, ctx.comm, ctx.axis)
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple, x: torch.Tensor, comm: Any, axis: int):
+    def vmap(info: Any, in_dims: tuple, x: torch.Tensor, comm: Communicator, axis: int):
         if in_dims[0] is None:
             return _CommAllGather.apply(x, comm, axis), None
         return _CommAllGather.apply(x.movedim(in_dims[0], 0), comm, axis + 1), 0
@@ -260,7 +204,7 @@ def _on_shared_tape(frame: AxisFrame, x: torch.Tensor) -> bool:
     """
     # Decided per frame, not per tensor: every replica must take the same path.
     return (frame.tape and torch.is_grad_enabled()
-            and torch._C._functorch.peek_interpreter_stack() is None)
+            and not in_functorch_transform())
 
 
 def _tree_collective(tree: Any, fn: str, leaf_op: Any) -> Any:
@@ -279,7 +223,7 @@ def _tree_collective(tree: Any, fn: str, leaf_op: Any) -> Any:
     return _tree.map_with_path(apply, tree, root="x")
 
 
-def _all_reduce(tree: Any, axis_name: str, op: str, fn: str) -> Any:
+def _all_reduce(tree: Any, axis_name: str, op: ReduceOp, fn: str) -> Any:
     frame = lookup(axis_name, fn)
     _guard_compile(fn)
 

@@ -20,11 +20,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from fdp import _tree
+from fdp import _check, _tree
 from fdp._buffers import reduce_buffers
-from fdp._collectives import bind_axis, lookup
+from fdp._compat import BatchNormBase
 from fdp._data_parallel_checks import (
     _FN,
     Tensors,
@@ -35,11 +34,16 @@ from fdp._data_parallel_checks import (
     _module_device,
 )
 from fdp._functionalize import Model, functionalize
-from fdp._layout import Layout, Sharded, SplitRule, split_sizes
+from fdp._layout import Layout, Sharded, split_sizes
 from fdp._mesh import Mesh
 from fdp._pmap import pmap
 from fdp._primitives import gather, replicate, scatter
+from fdp.backends._base import ModuleCall, ModuleResult
 from fdp.backends._comm import Unreachable
+from fdp.backends._frame import bind_axis, lookup
+from fdp.backends._module import check_rows, map_tensors, narrow, replica_forward
+from fdp.backends._options import BufferPolicy, Randomness, SplitRule
+from fdp.nn import SyncBatchNorm
 
 __all__ = ["DataParallel"]
 
@@ -104,8 +108,8 @@ class DataParallel(nn.Module):
         *,
         dim: int = 0,
         split: SplitRule = "chunk",
-        buffer_policy: str = "replica0",
-        randomness: str = "different",
+        buffer_policy: BufferPolicy = "replica0",
+        randomness: Randomness = "different",
         output_device: torch.device | str | int | None = None,
     ) -> None:
         super().__init__()
@@ -115,7 +119,8 @@ class DataParallel(nn.Module):
         self.split = split
         self.buffer_policy = buffer_policy
         self.randomness = randomness
-        self.output_device = None if output_device is None else torch.device(output_device)
+        self.output_device = (None if output_device is None
+                              else _check.device(output_device, _FN, "output_device"))
         self._mesh = mesh
         self._meshes: dict[Any, Mesh] = {}  # default meshes by device, vmap groups by size
         self._functional: tuple[tuple, Model] | None = None
@@ -136,30 +141,18 @@ class DataParallel(nn.Module):
         params = dict(self.module.named_parameters())
         buffers = {k: v.detach() for k, v in self.module.named_buffers()}
         _check_devices({**params, **buffers}, mesh)
-        batch = (inputs, kwargs)
-        layout = Layout(split_sizes(_batch_size(batch, self.dim), mesh.size, self.split, _FN),
-                        self.dim)
-        synced = _sync_layers(self.module, self.buffer_policy)
-        model = self._model()
-        if mesh.backend == "distributed":
-            from fdp import _data_parallel_dist
-
-            out, kept = _data_parallel_dist.forward(self, mesh, model, params, buffers, batch,
-                                                    layout, synced, _replica)
-            self._store(kept)
-            return out if self.output_device is None else _map_tensors(
-                lambda x: x.to(self.output_device), out)
-        if layout.even or synced:  # SyncBatchNorm leaves padding rows out by itself
-            out, stacked = self._run_mesh(mesh, model, params, buffers, batch, layout, False)
-        elif mesh.backend == "vmap":
-            out, stacked = self._run_groups(mesh, model, params, buffers, batch, layout)
-        else:
-            out, stacked = self._run_mesh(mesh, model, params, buffers, batch, layout, True)
-        if buffers:
-            self._write_back(stacked, layout)
+        layout = Layout(split_sizes(_batch_size((inputs, kwargs), self.dim), mesh.size,
+                                    self.split, _FN), self.dim)
+        call = ModuleCall(self._model().apply, params, buffers, inputs, kwargs, layout,
+                          self.dim, _sync_layers(self.module, self.buffer_policy),
+                          self.buffer_policy, self.randomness, mesh.axis_name)
+        result = mesh.backend.run_module(call)
+        if result is None:
+            result = self._compose(mesh, call)
+        self._store(result.buffers)
         if self.output_device is None:
-            return out
-        return _map_tensors(lambda x: x.to(self.output_device), out)
+            return result.output
+        return map_tensors(lambda x: x.to(self.output_device), result.output)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickles without the caches: the functional model is rebuilt on the next call."""
@@ -194,48 +187,58 @@ class DataParallel(nn.Module):
             self._functional = (key, functionalize(self.module))
         return self._functional[1]
 
-    def _run_mesh(self, mesh: Mesh, model: Model, params: Tensors, buffers: Tensors,
-                  batch: tuple, layout: Layout, trim: bool) -> tuple[Any, Tensors]:
+    def _compose(self, mesh: Mesh, call: ModuleCall) -> ModuleResult:
+        """The forward from fdp's primitives: ``scatter``, ``pmap``, ``gather``."""
+        layout = call.layout
+        if layout.even or call.synced:  # SyncBatchNorm leaves padding rows out by itself
+            out, stacked = self._run_mesh(mesh, call, trim=False)
+        elif mesh.backend.ragged:  # each replica trims its shard to its own rows
+            out, stacked = self._run_mesh(mesh, call, trim=True)
+        else:  # one vmap per run of replicas with equal rows
+            out, stacked = self._run_groups(mesh, call)
+        counts = [s for s in layout.sizes if s > 0]
+        return ModuleResult(out, reduce_buffers(stacked, counts, call.buffer_policy, _FN))
+
+    def _run_mesh(self, mesh: Mesh, call: ModuleCall, trim: bool) -> tuple[Any, Tensors]:
         """One pmap over the whole mesh; with ``trim`` each replica thread drops its padding."""
-        sharded = scatter(batch, mesh, self.dim, list(layout.sizes))
+        layout = call.layout
+        sharded = scatter((call.inputs, call.kwargs), mesh, self.dim, list(layout.sizes))
         counts = sharded.counts if trim else None
-        vmap = mesh.backend == "vmap"  # one device: parameters broadcast, not copied
-        mapped = pmap(_replica(model.apply, self.dim, layout.max_size), mesh,
-                      in_axes=(None if vmap else 0, 0, None if counts is None else 0, 0),
-                      randomness=self.randomness)
-        res = mapped(params if vmap else replicate(params, mesh), replicate(buffers, mesh),
-                     counts, sharded)
+        shared = mesh.backend.shared_device  # one device: parameters broadcast, not copied
+        mapped = pmap(replica_forward(call.apply, self.dim, layout.max_size), mesh,
+                      in_axes=(None if shared else 0, 0, None if counts is None else 0, 0),
+                      randomness=call.randomness)
+        res = mapped(call.params if shared else replicate(call.params, mesh),
+                     replicate(call.buffers, mesh), counts, sharded)
         out, new_buffers = res.data
         _check_outputs(out, layout.max_size, self.dim)
         keep = [i for i, s in enumerate(layout.sizes) if s > 0]
         return (gather(Sharded(out, layout), mesh),
                 {k: v[keep] if len(keep) < mesh.size else v for k, v in new_buffers.items()})
 
-    def _run_groups(self, mesh: Mesh, model: Model, params: Tensors, buffers: Tensors,
-                    batch: tuple, layout: Layout) -> tuple[Any, Tensors]:
-        """vmap backend, uneven split: one pmap per run of replicas with equal row counts."""
+    def _run_groups(self, mesh: Mesh, call: ModuleCall) -> tuple[Any, Tensors]:
+        """Replicas that cannot run ragged shards: one pmap per run of replicas with equal
+        row counts."""
+        layout = call.layout
         outs, stacked = [], []
         for first_row, k, rows in layout.groups():
             group = self._meshes.setdefault(("group", k), Mesh(
-                k, axis_name=mesh.axis_name, device=mesh.devices[0]))
+                k, axis_name=mesh.axis_name, device=mesh.backend.home))
             first = next(i for i, (off, s) in enumerate(zip(layout.offsets, layout.sizes,
                                                             strict=True))
                          if off == first_row and s > 0)
-            fn = _no_collectives(_replica(model.apply, self.dim, rows), mesh, first, layout)
-            part = scatter(_narrow(batch, self.dim, first_row, k * rows), group, self.dim)
-            res = pmap(fn, group, in_axes=(None, 0, None, 0), randomness=self.randomness)(
-                params, replicate(buffers, group), None, part)
+            fn = _no_collectives(replica_forward(call.apply, self.dim, rows), mesh, first,
+                                 layout)
+            part = scatter(narrow((call.inputs, call.kwargs), self.dim, first_row, k * rows),
+                           group, self.dim)
+            res = pmap(fn, group, in_axes=(None, 0, None, 0), randomness=call.randomness)(
+                call.params, replicate(call.buffers, group), None, part)
             out, new_buffers = res.data
             _check_outputs(out, rows, self.dim)
             outs.append(gather(Sharded(out, res.layout), group))
             stacked.append(new_buffers)
-        return _concat(outs, self.dim), {k: torch.cat([s[k] for s in stacked]) for k in buffers}
-
-    def _write_back(self, stacked: Tensors, layout: Layout) -> None:
-        """Writes the buffers that the policy keeps into the module (unchanged ones are left
-        alone, so eval-mode running statistics saved for backward keep their version)."""
-        counts = [s for s in layout.sizes if s > 0]
-        self._store(reduce_buffers(stacked, counts, self.buffer_policy, _FN))
+        return _concat(outs, self.dim), {k: torch.cat([s[k] for s in stacked])
+                                         for k in call.buffers}
 
     def _store(self, kept: Tensors) -> None:
         live = dict(self.module.named_buffers())
@@ -245,13 +248,11 @@ class DataParallel(nn.Module):
                     live[key].copy_(value)
 
 
-def _sync_layers(module: nn.Module, policy: str) -> bool:
+def _sync_layers(module: nn.Module, policy: BufferPolicy) -> bool:
     """Whether ``module`` has fdp.nn.SyncBatchNorm layers; with ``policy="sync"``, checks that
     no other BatchNorm would keep per-replica statistics."""
-    from fdp.nn import SyncBatchNorm  # fdp.nn builds on the core: import it when needed
-
     for name, m in module.named_modules(prefix="module"):
-        if policy == "sync" and isinstance(m, _BatchNorm) and not isinstance(m, SyncBatchNorm) \
+        if policy == "sync" and isinstance(m, BatchNormBase) and not isinstance(m, SyncBatchNorm) \
                 and m.training and m.track_running_stats:
             raise ValueError(
                 f"{_FN}: buffer_policy='sync' but {name} is a {type(m).__name__}, whose "
@@ -261,56 +262,10 @@ def _sync_layers(module: nn.Module, policy: str) -> bool:
     return any(isinstance(m, SyncBatchNorm) for m in module.modules())
 
 
-def _replica(apply: Callable[..., Any], dim: int, rows: int) -> Callable[..., Any]:
-    """The per-replica function: ``apply`` on the shard, trimmed to ``count`` real rows."""
-
-    def run(params: Tensors, buffers: Tensors, count: torch.Tensor | None,
-            batch: tuple) -> tuple[Any, Tensors]:
-        n = rows if count is None else int(count)  # count: threads backend only
-        trim = 0 < n < rows  # a replica without rows runs on its padding; gather drops it
-        inputs, kwargs = _narrow(batch, dim, 0, n) if trim else batch
-        out, new_buffers = apply(params, buffers, *inputs, **kwargs)
-        return (_pad_rows(out, dim, n, rows) if trim else out), new_buffers
-
-    return run
-
-
-def _narrow(tree: Any, dim: int, start: int, length: int) -> Any:
-    return _map_tensors(lambda x: x.narrow(dim, start, length), tree)
-
-
-def _pad_rows(out: Any, dim: int, n: int, rows: int) -> Any:
-    """``n`` rows at ``dim`` -> ``rows`` (repeating the last), so replicas stack."""
-
-    def pad(path: str, x: Any) -> Any:
-        if not isinstance(x, torch.Tensor):
-            return x
-        _check_rows(path, tuple(x.shape), n, dim)
-        index = torch.arange(rows, device=x.device).clamp(max=n - 1)
-        return x.index_select(dim, index)
-
-    return _tree.map_with_path(pad, out, root="out")
-
-
 def _check_outputs(out: Any, rows: int, dim: int) -> None:
     for path, x in _tree.leaves_with_path(out, "out"):
         if isinstance(x, torch.Tensor):
-            _check_rows(path, tuple(x.shape[1:]), rows, dim)
-
-
-def _check_rows(path: str, shape: tuple[int, ...], rows: int, dim: int) -> None:
-    if not shape:
-        raise ValueError(
-            f"{_FN}: the module returned a scalar at {path}; outputs are gathered along "
-            f"dim={dim}, so return per-example values and reduce them (e.g. the loss) on the "
-            f"gathered output. Averaging per-replica losses, as with nn.DataParallel, is "
-            f"biased when the replicas get different numbers of rows"
-        )
-    if not -len(shape) <= dim < len(shape) or shape[dim] != rows:
-        raise ValueError(
-            f"{_FN}: the module returned shape {shape} at {path} for a shard of {rows} rows; "
-            f"outputs are gathered along dim={dim}, so they need the shard's rows there"
-        )
+            check_rows(path, tuple(x.shape[1:]), rows, dim)
 
 
 def _no_collectives(fn: Callable[..., Any], mesh: Mesh, first: int,
@@ -345,7 +300,3 @@ def _concat(parts: list[Any], dim: int) -> Any:
     cols = zip(*(f[0] for f in flats), strict=True)
     leaves = [torch.cat(col, dim) if isinstance(col[0], torch.Tensor) else col[0] for col in cols]
     return _tree.unflatten(leaves, flats[0][1])
-
-
-def _map_tensors(fn: Callable[[torch.Tensor], Any], tree: Any) -> Any:
-    return _tree.map_with_path(lambda _, x: fn(x) if isinstance(x, torch.Tensor) else x, tree)

@@ -7,11 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from fdp import _tree
-from fdp._buffers import POLICIES
+from fdp import _check, _tree
 from fdp._layout import split_sizes
 from fdp._mesh import Mesh
-from fdp._pmap import RANDOMNESS
+from fdp.backends._options import check_buffer_policy, check_randomness
 
 _FN = "DataParallel"
 
@@ -28,16 +27,13 @@ def _check_options(module: Any, mesh: Any, dim: Any, split: Any, buffer_policy: 
                 if isinstance(mesh, (list, tuple)) else "")
         raise TypeError(f"{_FN}: mesh must be an fdp.Mesh or None, got {type(mesh).__name__}"
                         f"{hint}; e.g. mesh=fdp.Mesh(4)")
-    if isinstance(dim, bool) or not isinstance(dim, int):
+    if not _check.is_int(dim):
         raise TypeError(f"{_FN}: dim must be an int (the batch dimension), got "
                         f"{type(dim).__name__}")
     if isinstance(split, str):
         split_sizes(1, 1, split, _FN)  # rejects unknown rule names now; sizes per call
-    if buffer_policy not in POLICIES:
-        raise ValueError(f"{_FN}: unknown buffer_policy={buffer_policy!r}; use one of "
-                         f"{POLICIES}")
-    if randomness not in RANDOMNESS:
-        raise ValueError(f"{_FN}: unknown randomness={randomness!r}; use one of {RANDOMNESS}")
+    check_buffer_policy(buffer_policy, _FN, optional=False)
+    check_randomness(randomness, _FN)
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -55,7 +51,7 @@ def _default_mesh(device: torch.device) -> Mesh:
 
 
 def _check_devices(tensors: Tensors, mesh: Mesh) -> None:
-    home = mesh.devices[0]
+    home = mesh.backend.home
     for name, t in tensors.items():
         if t.device != home:
             raise ValueError(

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-SplitRule = str | Sequence[int]
+from fdp import _check
+from fdp._compat import pytree
+from fdp.backends._options import SPLIT_NAMES, SplitRule
+
+__all__ = ["Layout", "Sharded", "SplitRule", "split_sizes"]
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,8 @@ def split_sizes(batch_size: int, n: int, split: SplitRule, fn: str = "scatter") 
             base, extra = divmod(batch_size, n)
             return tuple(base + 1 if i < extra else base for i in range(n))
         raise ValueError(
-            f"{fn}: unknown split={split!r}; use 'chunk', 'even' or a list of {n} row counts"
+            f"{fn}: unknown split={split!r}; use {', '.join(map(repr, SPLIT_NAMES))} or a list "
+            f"of {n} row counts"
         )
     try:
         sizes = tuple(split)
@@ -117,7 +121,7 @@ def split_sizes(batch_size: int, n: int, split: SplitRule, fn: str = "scatter") 
             f"{fn}: split must be 'chunk', 'even' or a sequence of ints, got "
             f"{type(split).__name__}"
         ) from None
-    if len(sizes) != n or not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
+    if len(sizes) != n or not all(_check.is_int(s) for s in sizes):
         raise ValueError(f"{fn}: split={list(sizes)} must list {n} ints, one per replica")
     if any(s < 0 for s in sizes):
         raise ValueError(f"{fn}: split={list(sizes)} has a negative row count")
@@ -153,6 +157,6 @@ class Sharded:
         return self.layout.mask(self._device())
 
     def _device(self) -> torch.device | None:
-        leaves = [x for x in torch.utils._pytree.tree_leaves(self.data)
+        leaves = [x for x in pytree.tree_leaves(self.data)
                   if isinstance(x, torch.Tensor)]
         return leaves[0].device if leaves else None

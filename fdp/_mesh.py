@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from fdp.backends._base import Backend
+from fdp.backends._base import Backend
+from fdp.backends.distributed import DistributedBackend
+from fdp.backends.threads import ThreadsBackend
+from fdp.backends.vmap import VmapBackend
+
+__all__ = ["DEFAULT_AXIS_NAME", "Mesh", "check_mesh"]
 
 DEFAULT_AXIS_NAME = "dp"
 
@@ -18,8 +22,8 @@ class Mesh:
 
     ``Mesh(n)`` puts ``n`` virtual replicas on one device (the *vmap* backend): a replica is a
     slice of a vmapped axis, and collectives reduce over that axis. Programs written against a
-    mesh only use its public surface (``size``, ``axis_name``, ``backend``, ``devices``) and the
-    fdp primitives, so the same program runs on the backends that place one replica per device
+    mesh only use its public surface (``size``, ``axis_name``, ``devices``) and the fdp
+    primitives, so the same program runs on the backends that place one replica per device
     or per process.
 
     Args:
@@ -33,11 +37,11 @@ class Mesh:
 
     Example:
         >>> mesh = Mesh(4)
-        >>> mesh.size, mesh.axis_name, mesh.backend
+        >>> mesh.size, mesh.axis_name, mesh.backend_name
         (4, 'dp', 'vmap')
     """
 
-    __slots__ = ("_axis_name", "_backend", "_devices", "_size")
+    __slots__ = ("_axis_name", "_backend")
 
     def __init__(
         self,
@@ -48,52 +52,26 @@ class Mesh:
         devices: Sequence[torch.device | str] | None = None,
         timeout: float = 300.0,
     ) -> None:
-        if not isinstance(axis_name, str) or not axis_name:
-            raise TypeError(f"Mesh: axis_name must be a non-empty str, got {axis_name!r}")
-        self._axis_name = axis_name
+        self._axis_name = _check_axis_name(axis_name, "Mesh")
         if devices is not None:
-            self._init_threads(n, device, devices, timeout)
-            return
-        if n is None:
+            if device is not None:
+                raise ValueError("Mesh: give either device (n virtual replicas on one device) "
+                                 "or devices (one replica per device), not both")
+            self._backend: Backend = ThreadsBackend.create(n, devices, timeout)
+        elif n is None:
             raise TypeError("Mesh: give the number of replicas, e.g. Mesh(4), or "
                             "devices=[...] for one replica per device")
-        _check_size(n)
-        dev = torch.device(device) if device is not None else torch.device("cpu")
-        from fdp.backends.vmap import VmapBackend
-
-        self._size = n
-        self._devices = (dev,) * n
-        self._backend: Backend = VmapBackend(n, dev)
-
-    def _init_threads(self, n: int | None, device: Any, devices: Sequence[Any],
-                      timeout: float) -> None:
-        if isinstance(devices, (str, torch.device)):
-            raise TypeError(f"Mesh: devices must be a list of devices, got {devices!r}; "
-                            f"e.g. devices=['cuda:0', 'cuda:1'] or ['cpu'] * 3")
-        devs = tuple(torch.device(d) for d in devices)
-        if not devs:
-            raise ValueError("Mesh: devices is empty; list at least one device")
-        if device is not None:
-            raise ValueError("Mesh: give either device (n virtual replicas on one device) or "
-                             "devices (one replica per device), not both")
-        if n is not None and n != len(devs):
-            raise ValueError(f"Mesh: n={n} but {len(devs)} devices were listed; drop n")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ValueError(f"Mesh: timeout must be a positive number of seconds, got "
-                             f"{timeout!r}")
-        from fdp.backends.threads import ThreadsBackend
-
-        self._size = len(devs)
-        self._devices = devs
-        self._backend = ThreadsBackend(devs, float(timeout))
+        else:
+            self._backend = VmapBackend.create(n, device)
 
     @classmethod
     def from_backend(cls, backend: Backend, axis_name: str = DEFAULT_AXIS_NAME) -> Mesh:
-        """A mesh over an already built backend (used by :meth:`distributed`)."""
+        """A mesh over an already built backend."""
+        if not isinstance(backend, Backend):
+            raise TypeError(f"Mesh.from_backend: backend must be an fdp.backends.Backend, got "
+                            f"{type(backend).__name__}")
         mesh = cls.__new__(cls)
-        mesh._axis_name = axis_name
-        mesh._size = backend.size
-        mesh._devices = tuple(backend.devices)
+        mesh._axis_name = _check_axis_name(axis_name, "Mesh.from_backend")
         mesh._backend = backend
         return mesh
 
@@ -129,11 +107,7 @@ class Mesh:
                 gradients, instead of all buckets after backward. Default: on CUDA devices
                 only (on CPU, gloo needs the cores backward uses: measured slower).
         """
-        from fdp.backends.distributed import DistributedBackend
-
-        if not isinstance(axis_name, str) or not axis_name:
-            raise TypeError(f"Mesh.distributed: axis_name must be a non-empty str, got "
-                            f"{axis_name!r}")
+        _check_axis_name(axis_name, "Mesh.distributed")
         backend = DistributedBackend.create(group, device=device, timeout=timeout,
                                             bucket_mb=bucket_mb, overlap=overlap)
         return cls.from_backend(backend, axis_name)
@@ -141,7 +115,7 @@ class Mesh:
     @property
     def size(self) -> int:
         """Number of replicas."""
-        return self._size
+        return self._backend.size
 
     @property
     def axis_name(self) -> str:
@@ -149,58 +123,46 @@ class Mesh:
         return self._axis_name
 
     @property
-    def backend(self) -> str:
-        """Backend name: ``"vmap"``, ``"threads"`` or ``"distributed"``."""
+    def backend(self) -> Backend:
+        """The backend that runs the replicas (:class:`fdp.backends.Backend`)."""
+        return self._backend
+
+    @property
+    def backend_name(self) -> str:
+        """The backend's name: ``"vmap"``, ``"threads"`` or ``"distributed"``."""
         return self._backend.name
 
     @property
     def devices(self) -> tuple[torch.device, ...]:
         """The device of each replica."""
-        return self._devices
-
-    @property
-    def impl(self) -> Backend:
-        """The backend object that implements the primitives (internal interface)."""
-        return self._backend
-
-    def _key(self) -> tuple:
-        if self.backend == "vmap":
-            return (self._size, self._axis_name, self.backend, self._devices)
-        return (self._axis_name, id(self._backend))  # a backend owns threads or a group
+        return self._backend.devices
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Mesh) and self._key() == other._key()
-
-    def __reduce__(self) -> tuple:
-        """Pickles as its constructor call (a threads mesh gets fresh threads on load)."""
-        if self.backend == "vmap":
-            return (_rebuild_vmap, (self._size, self._axis_name, str(self._devices[0])))
-        if self.backend == "threads":
-            return (_rebuild_threads, ([str(d) for d in self._devices], self._axis_name,
-                                       self._backend.timeout))
-        raise TypeError("a distributed Mesh cannot be pickled: it stands for this process's "
-                        "process group; build it with fdp.Mesh.distributed() where it is used")
+        return (isinstance(other, Mesh) and self._axis_name == other._axis_name
+                and self._backend == other._backend)
 
     def __hash__(self) -> int:
-        return hash(self._key())
+        return hash((self._axis_name, self._backend))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickles as its backend (a threads mesh gets fresh threads on load)."""
+        return (Mesh.from_backend, (self._backend, self._axis_name))
 
     def __repr__(self) -> str:
-        where = (f"device={str(self._devices[0])!r}" if self.backend == "vmap"
-                 else f"devices={[str(d) for d in self._devices]!r}")
-        return (f"Mesh(size={self._size}, axis_name={self._axis_name!r}, "
-                f"backend={self.backend!r}, {where})")
+        return (f"Mesh(size={self.size}, axis_name={self._axis_name!r}, "
+                f"backend={self.backend_name!r}, {self._backend.placement()})")
 
 
-def _check_size(n: Any) -> None:
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"Mesh: n must be an int, got {type(n).__name__}")
-    if n <= 0:
-        raise ValueError(f"Mesh: n must be ≥ 1 replicas, got n={n}")
+def check_mesh(value: object, fn: str) -> Mesh:
+    """``value`` if it is a :class:`Mesh`; else a TypeError that shows how to build one."""
+    if not isinstance(value, Mesh):
+        raise TypeError(
+            f"{fn}: mesh must be an fdp.Mesh, got {type(value).__name__}; e.g. mesh=fdp.Mesh(4)"
+        )
+    return value
 
 
-def _rebuild_vmap(n: int, axis_name: str, device: str) -> Mesh:
-    return Mesh(n, axis_name=axis_name, device=device)
-
-
-def _rebuild_threads(devices: list[str], axis_name: str, timeout: float) -> Mesh:
-    return Mesh(devices=devices, axis_name=axis_name, timeout=timeout)
+def _check_axis_name(axis_name: object, fn: str) -> str:
+    if not isinstance(axis_name, str) or not axis_name:
+        raise TypeError(f"{fn}: axis_name must be a non-empty str, got {axis_name!r}")
+    return axis_name

@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 
-from fdp import _check, _tree
-from fdp._collectives import AxisFrame, bind_axis
+from fdp import _check, _inputs, _tree
 from fdp._layout import Layout, Sharded
-from fdp._mesh import Mesh
+from fdp._mesh import Mesh, check_mesh
+from fdp.backends._frame import AxisFrame, bind_axis
+from fdp.backends._options import Randomness, check_randomness
 
 __all__ = ["pmap"]
 
@@ -31,7 +32,7 @@ def pmap(
     out_axes: Axes = 0,
     axis_name: str | None = None,
     static_broadcasted_argnums: int | Sequence[int] = (),
-    randomness: str = "error",
+    randomness: Randomness = "error",
 ) -> Callable[..., Any]:
     """Maps ``fn`` over the replicas of ``mesh``; collectives inside it see ``axis_name``.
 
@@ -75,7 +76,7 @@ def pmap(
         tensor([0., 2., 0., 4.])
     """
     _check.callable_(fn, "pmap", "fn")
-    _check.mesh(mesh, "pmap")
+    check_mesh(mesh, "pmap")
     name = mesh.axis_name if axis_name is None else axis_name
     if not isinstance(name, str) or not name:
         raise TypeError(f"pmap: axis_name must be a non-empty str, got {axis_name!r}")
@@ -108,8 +109,8 @@ def pmap(
 def _static_argnums(value: Any, fn: Callable[..., Any]) -> tuple[int, ...]:
     """Validates ``static_broadcasted_argnums`` against ``fn``'s signature where it can."""
     items = (value,) if isinstance(value, int) else value
-    if not isinstance(items, (tuple, list, set, frozenset, range)) or any(
-        isinstance(i, bool) or not isinstance(i, int) for i in items
+    if not isinstance(items, (tuple, list, set, frozenset, range)) or not all(
+        _check.is_int(i) for i in items
     ):
         raise TypeError(
             f"pmap: static_broadcasted_argnums must be an int or a sequence of ints (positions "
@@ -224,7 +225,7 @@ class _Node:
 
 def _check_axes_spec(spec: Any, what: str) -> None:
     for path, leaf in _tree.leaves_with_path(spec, what):
-        if leaf is not None and (isinstance(leaf, bool) or not isinstance(leaf, int)):
+        if leaf is not None and not _check.is_int(leaf):
             raise TypeError(
                 f"pmap: {path} must be an int or None, got {type(leaf).__name__} ({leaf!r})"
             )
@@ -268,7 +269,7 @@ def _align_prefix(prefix: Axes, tree: Any, what: str, of: str = "arguments") -> 
 
 def _check_mapped_inputs(flat: list, axes: list, paths: list, mesh: Mesh) -> None:
     tensors = [(p, x) for p, x in zip(paths, flat, strict=True) if isinstance(x, torch.Tensor)]
-    _check.on_device(tensors, mesh, "pmap")
+    _inputs.on_device(tensors, mesh, "pmap")
     for leaf, axis, path in zip(flat, axes, paths, strict=True):
         if axis is None or not isinstance(leaf, torch.Tensor):
             continue
@@ -277,7 +278,7 @@ def _check_mapped_inputs(flat: list, axes: list, paths: list, mesh: Mesh) -> Non
                 f"pmap: in_axes={axis} is out of range for {path} with shape "
                 f"{tuple(leaf.shape)}; use in_axes=None for values every replica shares"
             )
-        local = mesh.impl.local_size  # the replicas this process holds
+        local = mesh.backend.local_size  # the replicas this process holds
         if leaf.shape[axis] != local:
             raise ValueError(
                 f"pmap: {path} has size {leaf.shape[axis]} at in_axes={axis} but the mesh has "
@@ -285,15 +286,6 @@ def _check_mapped_inputs(flat: list, axes: list, paths: list, mesh: Mesh) -> Non
                 f"with fdp.replicate/fdp.scatter, or pass "
                 f"in_axes=None for a value every replica shares"
             )
-
-
-def check_randomness(value: Any, fn: str) -> str:
-    if value not in RANDOMNESS:
-        raise ValueError(f"{fn}: unknown randomness={value!r}; use one of {RANDOMNESS}")
-    return value
-
-
-RANDOMNESS = ("error", "different", "same")
 
 
 def _run(fn, mesh, name, out_axes, treedef, flat, flat_axes, kwargs, layouts, randomness):
@@ -304,11 +296,11 @@ def _run(fn, mesh, name, out_axes, treedef, flat, flat_axes, kwargs, layouts, ra
     n_mapped = len(mapped)
     if layouts:  # the row offsets (and the mask of a padded split) ride along as mapped inputs
         offsets = torch.tensor(layouts[0].offsets, device=mesh.devices[0])
-        mapped.append(mesh.impl.local(offsets))
+        mapped.append(mesh.backend.local(offsets))
         in_dims.append(0)
     padded = bool(layouts) and not layouts[0].even
     if padded:
-        mapped.append(mesh.impl.local(layouts[0].mask(mesh.devices[0])))
+        mapped.append(mesh.backend.local(layouts[0].mask(mesh.devices[0])))
         in_dims.append(0)
     out_info: dict[str, Any] = {}
 
@@ -320,8 +312,8 @@ def _run(fn, mesh, name, out_axes, treedef, flat, flat_axes, kwargs, layouts, ra
         for i, t in zip(mapped_pos, tensors[:n_mapped], strict=True):
             values[i] = t
         args = _rebuild_args(values, treedef)
-        frame = AxisFrame(name, mesh.size, index, comm=mesh.impl.comm(), mask=mask,
-                          offset=offset, tape=mesh.impl.tape_collectives)
+        frame = AxisFrame(name, mesh.size, index, comm=mesh.backend.comm(), mask=mask,
+                          offset=offset, tape=mesh.backend.tape_collectives)
         with bind_axis(frame):
             out = fn(*args, **kwargs)
         out_leaves, out_def = _tree.flatten(out)
@@ -332,7 +324,7 @@ def _run(fn, mesh, name, out_axes, treedef, flat, flat_axes, kwargs, layouts, ra
         out_info.setdefault("calls", []).append((index, out_def, static))
         return [x for x in out_leaves if isinstance(x, torch.Tensor)]
 
-    results = iter(mesh.impl.map(body, mapped, in_dims, randomness=randomness))
+    results = iter(mesh.backend.map(body, mapped, in_dims, randomness=randomness))
     out_def, static = _agreed_outputs(out_info["calls"])
     leaves = [next(results) if is_tensor else x for is_tensor, x in static]
     outputs = _tree.unflatten(leaves, out_def)

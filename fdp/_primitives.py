@@ -8,14 +8,13 @@ from typing import Any
 
 import torch
 
-from fdp import _check, _tree
-from fdp._layout import Layout, Sharded, SplitRule, split_sizes
-from fdp._mesh import Mesh
+from fdp import _check, _inputs, _tree
+from fdp._inputs import batch_size
+from fdp._layout import Layout, Sharded, split_sizes
+from fdp._mesh import Mesh, check_mesh
+from fdp.backends._options import ReduceOp, SplitRule, check_reduce_op
 
 __all__ = ["all_reduce", "gather", "replicate", "scatter", "unreplicate"]
-
-_OPS = ("sum", "mean", "max", "min")
-
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Gives every tensor leaf a leading replica axis: one copy per replica.
@@ -26,42 +25,16 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
         >>> fdp.replicate({"w": torch.ones(2)}, fdp.Mesh(3))["w"].shape
         torch.Size([3, 2])
     """
-    _check.mesh(mesh, "replicate")
-    _check.tensor_leaves(tree, "replicate", "tree")
-    return _map_tensors(mesh.impl.replicate, tree)
+    check_mesh(mesh, "replicate")
+    _inputs.tensor_leaves(tree, "replicate", "tree")
+    return _map_tensors(mesh.backend.replicate, tree)
 
 
 def unreplicate(tree: Any, mesh: Mesh) -> Any:
     """Takes replica 0's value of every leaf (inverse of :func:`replicate`)."""
-    _check.mesh(mesh, "unreplicate")
-    _check.replica_axis(tree, mesh, "unreplicate", "tree", static_ok=True)
-    return _map_tensors(mesh.impl.unreplicate, tree)
-
-
-def batch_size(tree: Any, dim: int, fn: str, root: str = "batch") -> int:
-    """The common size of every tensor leaf at ``dim``; errors name the offending key path."""
-    _check.integer(dim, fn, "dim")
-    pairs = _check.batch_leaves(tree, fn, root)
-    if not pairs:
-        raise ValueError(f"{fn}: {root} has no tensor leaves to split")
-    sizes: dict[int, str] = {}
-    for path, leaf in pairs:
-        if not -leaf.dim() <= dim < leaf.dim():
-            raise ValueError(
-                f"{fn}: dim={dim} is out of range for {path} with shape {tuple(leaf.shape)}; "
-                f"every tensor in the batch needs the batch dimension"
-            )
-        sizes.setdefault(leaf.shape[dim], path)
-    if len(sizes) > 1:
-        (a, pa), (b, pb) = list(sizes.items())[:2]
-        raise ValueError(
-            f"{fn}: batch leaves disagree on the batch size at dim={dim}: {pa} has {a} rows, "
-            f"{pb} has {b}; pass per-batch constants outside the batch"
-        )
-    size = next(iter(sizes))
-    if size == 0:
-        raise ValueError(f"{fn}: {root} is empty (0 rows at dim={dim}); give at least one row")
-    return size
+    check_mesh(mesh, "unreplicate")
+    _inputs.replica_axis(tree, mesh, "unreplicate", "tree", static_ok=True)
+    return _map_tensors(mesh.backend.unreplicate, tree)
 
 
 def scatter(batch: Any, mesh: Mesh, dim: int = 0, split: SplitRule = "chunk") -> Sharded:
@@ -86,10 +59,10 @@ def scatter(batch: Any, mesh: Mesh, dim: int = 0, split: SplitRule = "chunk") ->
         >>> s.layout.sizes, s.data.shape
         ((3, 2), torch.Size([2, 3]))
     """
-    _check.mesh(mesh, "scatter")
+    check_mesh(mesh, "scatter")
     rows = batch_size(batch, dim, "scatter")
     layout = Layout(split_sizes(rows, mesh.size, split, "scatter"), dim)
-    data = _map_tensors(lambda x: mesh.impl.shard(x, layout), batch)
+    data = _map_tensors(lambda x: mesh.backend.shard(x, layout), batch)
     return Sharded(data, layout)
 
 
@@ -112,7 +85,7 @@ def gather(outs: Any, mesh: Mesh, dim: int | None = None) -> Any:
         >>> fdp.gather(fdp.scatter(torch.arange(5.0), mesh), mesh)
         tensor([0., 1., 2., 3., 4.])
     """
-    _check.mesh(mesh, "gather")
+    check_mesh(mesh, "gather")
     if isinstance(outs, Sharded):
         tree, layout = outs.data, outs.layout
         dim = layout.dim if dim is None else dim
@@ -125,7 +98,7 @@ def gather(outs: Any, mesh: Mesh, dim: int | None = None) -> Any:
         tree, layout = outs, None
         dim = 0 if dim is None else dim
     _check.integer(dim, "gather", "dim")
-    pairs = _check.replica_axis(tree, mesh, "gather", "outs", static_ok=True)
+    pairs = _inputs.replica_axis(tree, mesh, "gather", "outs", static_ok=True)
     for path, leaf in pairs:
         per_replica = leaf.dim() - 1
         if not -per_replica <= dim < per_replica:
@@ -142,7 +115,7 @@ def gather(outs: Any, mesh: Mesh, dim: int | None = None) -> Any:
     def unshard(x: torch.Tensor) -> torch.Tensor:
         d = dim % (x.dim() - 1)
         lay = layout or Layout((x.shape[d + 1],) * mesh.size, d)
-        return mesh.impl.unshard(x, lay, d)
+        return mesh.backend.unshard(x, lay, d)
 
     return _map_tensors(unshard, tree)
 
@@ -150,7 +123,7 @@ def gather(outs: Any, mesh: Mesh, dim: int | None = None) -> Any:
 def all_reduce(
     tree: Any,
     mesh: Mesh,
-    op: str = "mean",
+    op: ReduceOp = "mean",
     weights: torch.Tensor | Sequence[float] | None = None,
 ) -> Any:
     """Reduces every leaf over its replica axis; each replica gets the result.
@@ -167,20 +140,19 @@ def all_reduce(
         >>> fdp.all_reduce(torch.tensor([1.0, 3.0]), mesh, "mean", weights=[1, 3])
         tensor([2.5000, 2.5000])
     """
-    _check.mesh(mesh, "all_reduce")
-    if op not in _OPS:
-        raise ValueError(f"all_reduce: unknown op={op!r}; use one of {_OPS}")
+    check_mesh(mesh, "all_reduce")
+    op = check_reduce_op(op, "all_reduce")
     w = _weights(weights, op, mesh)
-    for path, leaf in _check.replica_axis(tree, mesh, "all_reduce", "tree"):
+    for path, leaf in _inputs.replica_axis(tree, mesh, "all_reduce", "tree"):
         if (op == "mean") and not (leaf.is_floating_point() or leaf.is_complex()):
             raise TypeError(
                 f"all_reduce: op='mean' needs floating-point values but {path} is {leaf.dtype}; "
                 f"use op='sum' or cast it"
             )
-    return _map_tensors(lambda x: mesh.impl.all_reduce(x, op, w), tree)
+    return _map_tensors(lambda x: mesh.backend.all_reduce(x, op, w), tree)
 
 
-def _weights(weights: Any, op: str, mesh: Mesh) -> torch.Tensor | None:
+def _weights(weights: Any, op: ReduceOp, mesh: Mesh) -> torch.Tensor | None:
     if weights is None:
         return None
     if op != "mean":

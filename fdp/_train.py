@@ -9,9 +9,12 @@ import torch
 
 from fdp import _check, _tree
 from fdp._accumulate import accumulate
-from fdp._grad import SplitLoss, value_and_grad
-from fdp._layout import SplitRule
+from fdp._grad import value_and_grad
 from fdp._mesh import Mesh
+from fdp.backends._base import SplitLoss
+from fdp.backends._options import BufferPolicy, Randomness, Reduction, SplitRule, Strategy
+from fdp.optim import apply_updates
+from fdp.random import _key_words, fold_in
 
 __all__ = ["TrainState", "data_parallel_step"]
 
@@ -76,14 +79,14 @@ def data_parallel_step(
     mesh: Mesh,
     *,
     has_aux: bool = False,
-    strategy: str = "weighted",
+    strategy: Strategy = "weighted",
     split: SplitRule = "chunk",
     dim: int = 0,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     microbatches: int = 1,
     with_buffers: bool = False,
-    buffer_policy: str | None = None,
-    randomness: str = "error",
+    buffer_policy: BufferPolicy | None = None,
+    randomness: Randomness = "error",
     key: torch.Tensor | None = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]:
     """Builds ``step(state, batch) -> (new_state, metrics)``: one data-parallel update.
@@ -136,9 +139,6 @@ def data_parallel_step(
         >>> int(state.step), int(metrics["num_examples"])
         (1, 10)
     """
-    from fdp.optim import apply_updates
-    from fdp.random import _key_words, fold_in
-
     if key is not None:
         _key_words(key, "data_parallel_step")
 

@@ -39,6 +39,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fdp import _check
+
 __all__ = ["Pool", "RankFailed", "current_group", "run"]
 
 _GROUP: Any = None  # the group of the pool job running in this process
@@ -138,7 +140,7 @@ class Pool:
         Inside ``fn``, :func:`current_group` is a group of exactly those ranks.
         """
         n = self.nprocs if nprocs is None else nprocs
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.nprocs:
+        if not _check.is_int(n) or not 1 <= n <= self.nprocs:
             raise ValueError(f"Pool.run: nprocs must be an int in 1..{self.nprocs} (the pool's "
                              f"size), got {nprocs!r}")
         payload = _dumps((fn, args, kwargs or {}, n), "Pool.run")
@@ -187,12 +189,12 @@ class Pool:
 
 
 def _check_args(nprocs: Any, timeout: Any, threads: Any) -> None:
-    if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:
+    if not _check.is_int(nprocs) or nprocs < 1:
         raise ValueError(f"fdp.launch: nprocs must be an int >= 1, got {nprocs!r}")
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+    if not _check.is_number(timeout) or timeout <= 0:
         raise ValueError(f"fdp.launch: timeout must be a positive number of seconds, got "
                          f"{timeout!r}")
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+    if not _check.is_int(threads) or threads < 1:
         raise ValueError(f"fdp.launch: threads must be an int >= 1, got {threads!r}")
 
 

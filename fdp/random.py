@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 
-from fdp import _collectives
+from fdp import _check
 from fdp._philox import _MASK, _philox, _words
+from fdp.backends._frame import bound_frames, lookup
 
 __all__ = ["bernoulli", "bits", "fold_in", "key", "key_context", "next_key", "normal",
            "row_index", "split", "uniform", "with_key"]
@@ -55,7 +56,7 @@ def key(seed: int, *, device: torch.device | str | None = None) -> torch.Tensor:
         >>> fdp.random.key(7)
         tensor([7, 0])
     """
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not _check.is_int(seed):
         raise TypeError(f"fdp.random.key: seed must be an int, got {type(seed).__name__} "
                         f"({seed!r}); e.g. fdp.random.key(0)")
     if not -(2**63) <= seed < 2**64:
@@ -91,7 +92,7 @@ def split(key: torch.Tensor, n: int = 2) -> torch.Tensor:
         >>> keys.shape, len({tuple(k.tolist()) for k in keys})
         (torch.Size([3, 2]), 3)
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    if not _check.is_int(n) or n < 0:
         raise ValueError(f"fdp.random.split: n must be an int >= 0, got {n!r}")
     _key_words(key, "split")
     i = torch.arange(n, dtype=torch.int64, device=key.device)
@@ -118,7 +119,7 @@ def fold_in(key: torch.Tensor, data: int | torch.Tensor) -> torch.Tensor:
 
 def _integer_words(v: Any, fn: str, what: str, k: Any) -> tuple[torch.Tensor, torch.Tensor]:
     device = k.device if isinstance(k, torch.Tensor) else None
-    if isinstance(v, int) and not isinstance(v, bool):
+    if _check.is_int(v):
         if not -(2**63) <= v < 2**64:
             raise ValueError(f"fdp.random.{fn}: {what}={v} is out of range [-2**63, 2**64)")
         v %= 2**64
@@ -138,7 +139,7 @@ def _integer_words(v: Any, fn: str, what: str, k: Any) -> tuple[torch.Tensor, to
 def _shape(shape: Any, fn: str) -> tuple[int, ...]:
     dims = (shape,) if isinstance(shape, int) else shape
     if not isinstance(dims, (tuple, list, torch.Size)) or any(
-            isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in dims):
+            not _check.is_int(d) or d < 0 for d in dims):
         raise TypeError(f"fdp.random.{fn}: shape must be an int or a sequence of ints >= 0, "
                         f"got {shape!r}")
     return tuple(dims)
@@ -245,7 +246,7 @@ def bernoulli(key: torch.Tensor, p: float | torch.Tensor, shape: Shape, *,
     words = bits(key, _shape(shape, "bernoulli"), counter=counter)
     if isinstance(p, torch.Tensor) and p.is_floating_point():
         return words < (p.to(torch.float64) * 2.0**32).floor().to(torch.int64)
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+    if not _check.is_number(p) or not 0.0 <= p <= 1.0:
         raise ValueError(f"fdp.random.bernoulli: p must be a probability in [0, 1] (a float "
                          f"or a floating tensor), got {p!r}")
     return words < math.floor(p * 2.0**32)
@@ -296,13 +297,13 @@ def row_index(rows: int, axis_name: str | None = None, *,
         tensor([[0, 1],
                 [2, 3]])
     """
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+    if not _check.is_int(rows) or rows < 0:
         raise ValueError(f"fdp.random.row_index: rows must be an int >= 0, got {rows!r}")
-    frames = _collectives._frames()
+    frames = bound_frames()
     local = torch.arange(rows, dtype=torch.int64, device=device)
     frame = None
     if axis_name is not None and frames:
-        frame = _collectives.lookup(axis_name, "fdp.random.row_index")
+        frame = lookup(axis_name, "fdp.random.row_index")
     elif frames:
         frame = frames[-1]
     base = _context_offset()
@@ -361,7 +362,7 @@ def key_context(key: torch.Tensor, *, row_offset: int | torch.Tensor = 0) -> Ite
     _key_words(key, "key_context")
     if isinstance(row_offset, torch.Tensor):
         _integer_words(row_offset, "key_context", "row_offset", key)
-    elif isinstance(row_offset, bool) or not isinstance(row_offset, int) or row_offset < 0:
+    elif not _check.is_int(row_offset) or row_offset < 0:
         raise ValueError(f"fdp.random.key_context: row_offset must be an int >= 0 or an "
                          f"integer tensor, got {row_offset!r}")
     frames = _key_frames()

@@ -233,7 +233,7 @@ def test_state_dict_matches_nn_data_parallel_and_default_mesh():
     net = _mlp(0, bn=True)
     dp = DataParallel(net)
     assert list(dp.state_dict()) == list(nn.DataParallel(net).state_dict())
-    assert (dp.mesh.size, dp.mesh.backend) == (1, "vmap")  # a CPU module: itself, one replica
+    assert (dp.mesh.size, dp.mesh.backend_name) == (1, "vmap")  # a CPU module: itself, one replica
     x = torch.randn(4, 3, dtype=F64)
     assert_close(dp(x), copy.deepcopy(net)(x), F64_REL)
     assert DataParallel(net, fdp.Mesh(2), output_device="cpu")(x).device.type == "cpu"

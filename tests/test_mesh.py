@@ -9,7 +9,7 @@ import fdp
 
 def test_mesh_surface():
     mesh = fdp.Mesh(3, axis_name="batch")
-    assert (mesh.size, mesh.axis_name, mesh.backend) == (3, "batch", "vmap")
+    assert (mesh.size, mesh.axis_name, mesh.backend_name) == (3, "batch", "vmap")
     assert mesh.devices == (torch.device("cpu"),) * 3
     assert mesh == fdp.Mesh(3, axis_name="batch") and hash(mesh) == hash(fdp.Mesh(3,
                                                                           axis_name="batch"))

@@ -1,17 +1,19 @@
-"""The communicator interface of the backends that run replicas concurrently (threads, processes).
+"""The communicator: how the replicas of one mesh axis exchange tensors.
 
-The vmap backend needs none: its collectives are vmap rules. The threads and distributed
-backends hand a :class:`Communicator` to every axis frame they bind; the collectives in
-``fdp._collectives`` call it from inside the replica's own thread or process.
+The vmap backend needs none (its collectives are vmap rules over one tensor). The threads and
+distributed backends put a :class:`Communicator` into every :class:`~fdp.backends.AxisFrame`
+they bind; the collectives in :mod:`fdp._collectives` call it from inside the replica's own
+thread or process.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import NoReturn
 
 import torch
 
-OPS = ("sum", "mean", "max", "min")
+from fdp.backends._options import ReduceOp
 
 
 class Communicator(ABC):
@@ -31,20 +33,42 @@ class Communicator(ABC):
         """The calling replica's index in ``0..size-1``."""
 
     @abstractmethod
-    def all_reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
-        """``op`` (one of :data:`OPS`) over every replica's ``x``; all replicas get it."""
+    def all_reduce(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
+        """``op`` over every replica's ``x``; all replicas get it."""
 
     @abstractmethod
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """Every replica's ``x`` stacked on a new leading axis, in replica order."""
 
-    def all_reduce_many(self, xs: list[torch.Tensor], op: str) -> list[torch.Tensor]:
-        """:meth:`all_reduce` of several tensors; backends coalesce them into flat buckets."""
-        return [self.all_reduce(x, op) for x in xs]
-
     @abstractmethod
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Replica ``src``'s ``x`` on every replica."""
+
+    def all_reduce_many(self, xs: list[torch.Tensor], op: ReduceOp) -> list[torch.Tensor]:
+        """:meth:`all_reduce` of several tensors; backends coalesce them into flat buckets."""
+        return [self.all_reduce(x, op) for x in xs]
+
+    def all_gather_many(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """:meth:`all_gather` of several tensors, one flat exchange per dtype."""
+        out: list[torch.Tensor | None] = [None] * len(xs)
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, x in enumerate(xs):
+            by_dtype.setdefault(x.dtype, []).append(i)
+        for idx in by_dtype.values():
+            flat = self.all_gather(torch.cat([xs[i].reshape(-1) for i in idx]))
+            parts = flat.split([xs[i].numel() for i in idx], dim=1)
+            for i, part in zip(idx, parts, strict=True):
+                out[i] = part.reshape(self.size, *xs[i].shape)
+        return [x for x in out if x is not None]
+
+    def tracked_all_reduce(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
+        """:meth:`all_reduce` computed from every replica's *tracked* ``x``, so that one
+        autograd graph spans the replicas (backends with ``tape_collectives`` only)."""
+        raise NotImplementedError(f"{type(self).__name__} has no tape collectives")
+
+    def tracked_all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`all_gather` on the shared tape (see :meth:`tracked_all_reduce`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no tape collectives")
 
     def pinned(self) -> Communicator:
         """This communicator bound to the calling replica, usable from any thread (autograd
@@ -61,11 +85,29 @@ class Unreachable(Communicator):
     def __init__(self, size: int, message: str) -> None:
         self.size, self.message = size, message
 
-    def _fail(self, *_: object) -> torch.Tensor:
+    def _fail(self) -> NoReturn:
         raise ValueError(self.message)
 
-    index = all_reduce = all_gather = broadcast = all_reduce_many = _fail  # type: ignore[assignment]
-    tracked_all_reduce = tracked_all_gather = _fail
+    def index(self) -> int:
+        self._fail()
 
-    def pinned(self) -> Communicator:
-        return self
+    def all_reduce(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
+        self._fail()
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        self._fail()
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        self._fail()
+
+    def all_reduce_many(self, xs: list[torch.Tensor], op: ReduceOp) -> list[torch.Tensor]:
+        self._fail()
+
+    def all_gather_many(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        self._fail()
+
+    def tracked_all_reduce(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
+        self._fail()
+
+    def tracked_all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        self._fail()

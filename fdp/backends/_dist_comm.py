@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from fdp.backends._comm import Communicator
+from fdp.backends._options import ReduceOp
 
 _OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
         "min": dist.ReduceOp.MIN}
@@ -109,12 +110,12 @@ class DistComm(Communicator):
         out = torch.empty(x.shape, dtype=x.dtype, device=self.device)
         return out.copy_(x.detach())
 
-    def all_reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
+    def all_reduce(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
         fn = {"sum": "psum", "mean": "pmean", "max": "pmax", "min": "pmin"}[op]
         self.check([fn, _kind(x)], fn)
         return self._all_reduce(self._copy(x), op, fn)
 
-    def _all_reduce(self, buf: torch.Tensor, op: str, fn: str) -> torch.Tensor:
+    def _all_reduce(self, buf: torch.Tensor, op: ReduceOp, fn: str) -> torch.Tensor:
         self.wait(dist.all_reduce(buf, _OPS[op], group=self.group, async_op=True), fn)
         if op == "mean":
             buf /= self.size
@@ -135,12 +136,12 @@ class DistComm(Communicator):
         self.wait(dist.broadcast(buf, root, group=self.group, async_op=True), "broadcast")
         return buf
 
-    def all_reduce_many(self, xs: list[torch.Tensor], op: str) -> list[torch.Tensor]:
+    def all_reduce_many(self, xs: list[torch.Tensor], op: ReduceOp) -> list[torch.Tensor]:
         """One checked call for all of ``xs``, reduced in flat buckets of ``bucket_bytes``."""
         self.check([f"all_reduce {op} of {len(xs)}", *(_kind(x) for x in xs)], "all_reduce")
         return self.reduce_buckets(xs, op, plan_buckets(xs, self.bucket_bytes), "all_reduce")
 
-    def reduce_buckets(self, xs: Sequence[torch.Tensor], op: str,
+    def reduce_buckets(self, xs: Sequence[torch.Tensor], op: ReduceOp,
                        buckets: list[list[int]], fn: str) -> list[torch.Tensor]:
         """Unchecked: every bucket's all-reduce starts at once, then all are awaited."""
         launched = [self.launch(xs, idx, op) for idx in buckets]
@@ -152,12 +153,12 @@ class DistComm(Communicator):
         return out  # type: ignore[return-value]
 
     def launch(self, xs: Sequence[torch.Tensor], idx: list[int],
-               op: str) -> tuple[Any, torch.Tensor]:
+               op: ReduceOp) -> tuple[Any, torch.Tensor]:
         """Starts the all-reduce of ``xs[idx]`` flattened into one new buffer."""
         flat = torch.cat([xs[i].detach().reshape(-1).to(self.device) for i in idx])
         return dist.all_reduce(flat, _OPS[op], group=self.group, async_op=True), flat
 
-    def finish(self, work: Any, flat: torch.Tensor, op: str, fn: str,
+    def finish(self, work: Any, flat: torch.Tensor, op: ReduceOp, fn: str,
                like: list[torch.Tensor]) -> list[torch.Tensor]:
         """Waits for a launched bucket and splits it into views shaped like ``like``."""
         self.wait(work, fn)

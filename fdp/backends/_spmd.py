@@ -20,9 +20,14 @@ from typing import Any
 import torch
 
 from fdp import _tree
-from fdp._collectives import AxisFrame, bind_axis
-from fdp.backends._base import Backend
+from fdp._buffers import exchange_buffers
+from fdp._collectives import all_gather
+from fdp._compat import in_functorch_transform
+from fdp._layout import Layout
+from fdp.backends._base import Backend, GradPlan, MapBody, Params, PyTree
 from fdp.backends._comm import Communicator
+from fdp.backends._frame import AxisFrame, bind_axis
+from fdp.backends._options import Randomness
 
 
 class SpmdBackend(Backend):
@@ -59,8 +64,7 @@ class SpmdBackend(Backend):
     def check_transforms(self, fn: str) -> None:
         """torch.func transforms and torch.compile cannot follow replicas into other threads
         or processes; refuse instead of returning numbers that miss the transform."""
-        if torch.compiler.is_compiling() or \
-                torch._C._functorch.peek_interpreter_stack() is not None:
+        if torch.compiler.is_compiling() or in_functorch_transform():
             raise RuntimeError(
                 f"{fn} on a {self.name} mesh cannot run under torch.func transforms or "
                 f"torch.compile: its replicas run in other threads/processes, which the "
@@ -70,13 +74,8 @@ class SpmdBackend(Backend):
 
     # --- pmap -------------------------------------------------------------------------------
 
-    def map(
-        self,
-        body: Callable[..., Sequence[torch.Tensor]],
-        mapped: Sequence[torch.Tensor],
-        in_dims: Sequence[int],
-        randomness: str = "error",
-    ) -> list[torch.Tensor]:
+    def map(self, body: MapBody, mapped: Sequence[torch.Tensor], in_dims: Sequence[int],
+            randomness: Randomness = "error") -> list[torch.Tensor]:
         self.check_transforms("pmap")
         local = {r: i for i, r in enumerate(self.local_replicas)}
 
@@ -102,7 +101,8 @@ class SpmdBackend(Backend):
 
     # --- value_and_grad ---------------------------------------------------------------------
 
-    def value_and_grad(self, plan: Any, params: dict, batch: Any) -> tuple[Any, dict]:
+    def value_and_grad(self, plan: GradPlan, params: Params,
+                       batch: PyTree) -> tuple[Any, Params]:
         self.check_transforms("value_and_grad")
         if any(p.requires_grad for p in params.values()):
             raise ValueError(
@@ -117,13 +117,13 @@ class SpmdBackend(Backend):
         return step.combine(results)
 
     @contextlib.contextmanager
-    def policed_randomness(self, mode: str, fn: str) -> Iterator[None]:
+    def policed_randomness(self, mode: Randomness, fn: str) -> Iterator[None]:
         """torch's own random ops draw from the process's global generators here, which the
         replica threads share; ``"error"`` (the default) is enforced by checking that the
         generators did not move, as vmap raises on the vmap backend."""
-        if mode == "same" and self.name == "threads":
+        if mode == "same" and self.replicas_share_generator:
             raise ValueError(
-                f"{fn}: randomness='same' is not available on a threads mesh: its replicas "
+                f"{fn}: randomness='same' is not available on a {self.name} mesh: its replicas "
                 f"share the process's generator. Draw with fdp.random keys (the same values on "
                 f"every backend) or use fdp.Mesh(n)"
             )
@@ -144,7 +144,7 @@ class SpmdBackend(Backend):
             )
 
     def backward_and_reduce(self, comm: Communicator, term: torch.Tensor,
-                            params: dict) -> tuple[torch.Tensor, dict]:
+                            params: Params) -> tuple[torch.Tensor, Params]:
         """This replica's gradient of ``term`` summed over replicas, and the summed ``term``.
 
         Differentiates, then reduces in one bucketed all-reduce; a backend may override it to
@@ -181,13 +181,14 @@ def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.T
 class _ReplicaStep:
     """One data-parallel gradient computation, split into the part every replica runs."""
 
-    def __init__(self, backend: SpmdBackend, plan: Any, params: dict, batch: Any) -> None:
+    def __init__(self, backend: SpmdBackend, plan: GradPlan, params: Params,
+                 batch: PyTree) -> None:
         self.backend, self.plan, self.params = backend, plan, params
         self.leaves, self.treedef = _tree.flatten(batch)
         self.dims = [plan.layout.dim % x.dim() if isinstance(x, torch.Tensor) else None
                      for x in self.leaves]
 
-    def setup(self, r: int) -> tuple[torch.device, dict, Communicator, AxisFrame]:
+    def setup(self, r: int) -> tuple[torch.device, Params, Communicator, AxisFrame]:
         dev = self.backend.devices[r]
         keys = list(self.params)
         moved = to_device([self.params[k].detach() for k in keys], dev)
@@ -234,8 +235,9 @@ class _ReplicaStep:
             for a in self.plan.args)
 
     @staticmethod
-    def reduce_grads(comm: Communicator, params: dict, grads: Sequence,
-                     loss: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def reduce_grads(comm: Communicator, params: Params,
+                     grads: Sequence[torch.Tensor | None],
+                     loss: torch.Tensor) -> tuple[torch.Tensor, Params]:
         grads = [torch.zeros_like(p) if g is None else g
                  for p, g in zip(params.values(), grads, strict=True)]
         loss = loss.detach().to(next(iter(params.values())).dtype)
@@ -259,8 +261,8 @@ class _WeightedStep(_ReplicaStep):
         frame = self.active_frame(r, frame)
         if rows > 0:
             with bind_axis(frame):
-                loss, aux, new_buffers = _call_loss(plan, params, self.shard(r, dev), buffers,
-                                                    self.args_on(dev))
+                loss, aux, new_buffers = plan.call_loss(params, self.shard(r, dev), buffers,
+                                                        self.args_on(dev), dev)
             term = loss * (rows / plan.layout.total if plan.reduction == "mean" else 1.0)
         else:  # the loss travels in the params' dtype so every replica's buckets match
             term = torch.zeros((), device=dev, dtype=next(iter(params.values())).dtype)
@@ -268,7 +270,8 @@ class _WeightedStep(_ReplicaStep):
         loss, grads = self.backend.backward_and_reduce(comm, term, params)
         loss = loss.to(dtype)
         if plan.buffer_policy is not None:
-            new_buffers = _reduce_buffers(comm, new_buffers, plan)
+            new_buffers = exchange_buffers(comm, new_buffers, plan.layout.sizes,
+                                           plan.buffer_policy)
         return loss, grads, aux, new_buffers
 
     def combine(self, results: list) -> tuple[Any, dict]:
@@ -283,38 +286,6 @@ class _WeightedStep(_ReplicaStep):
         return (out, {k: v.to(home) for k, v in new_buffers.items()}), grads
 
 
-def _reduce_buffers(comm: Communicator, buffers: dict, plan: Any) -> dict:
-    """The buffer policy as collectives: every replica ends with the kept values."""
-    sizes = plan.layout.sizes
-    first = next(i for i, s in enumerate(sizes) if s > 0)
-    keys = list(buffers)
-    if not keys:
-        return {}
-    if plan.buffer_policy == "replica0":
-        return {k: comm.broadcast(buffers[k], first) for k in keys}
-    if plan.buffer_policy == "sync":  # keep the first's; check every replica with rows agrees
-        kept = {k: comm.broadcast(buffers[k], first) for k in keys}
-        ran = sizes[comm.index()] > 0
-        differs = [float(ran and not torch.equal(kept[k], buffers[k])) for k in keys]
-        flags = comm.all_reduce(torch.tensor(differs, dtype=torch.float64,
-                                             device=buffers[keys[0]].device), "max")
-        for k, flag in zip(keys, flags.tolist(), strict=True):
-            if flag:
-                raise ValueError(
-                    f"value_and_grad: buffer_policy='sync' but buffer {k!r} differs across "
-                    f"replicas: its layer computes per-replica statistics. Convert the model's "
-                    f"BatchNorm layers with fdp.nn.convert_sync_batchnorm(module), or use "
-                    f"buffer_policy='replica0' or 'mean'"
-                )
-        return kept
-    weight = sizes[comm.index()] / plan.layout.total
-    floats = [k for k in keys if buffers[k].is_floating_point()]
-    summed = comm.all_reduce_many([buffers[k] * weight for k in floats], "sum")
-    out = {k: comm.broadcast(buffers[k], first) for k in keys if k not in floats}
-    out.update(zip(floats, summed, strict=True))
-    return {k: out[k] for k in keys}
-
-
 class _GatheredStep(_ReplicaStep):
     """Forward per replica on padded shards, outputs all-gathered, one criterion everywhere."""
 
@@ -326,7 +297,7 @@ class _GatheredStep(_ReplicaStep):
         frame = dataclasses.replace(frame, mask=mask)
         with bind_axis(frame):
             shard = self.shard(r, dev, rows)
-            outputs = _key_on(plan, shard).call_forward(params, shard)
+            outputs = plan.call_forward(params, shard, dev)
             gathered = _tree.map_with_path(
                 lambda path, x: _gather_rows(x, frame, plan.out_dim, layout, path), outputs,
                 root="out")
@@ -352,25 +323,7 @@ class _GatheredStep(_ReplicaStep):
         return loss.to(home), grads
 
 
-def _call_loss(plan: Any, params: dict, shard: Any, buffers: Any, args: tuple) -> tuple:
-    if args is not plan.args:
-        plan = dataclasses.replace(plan, args=args)
-    return _key_on(plan, shard).call_loss(params, shard, buffers)
-
-
-def _key_on(plan: Any, shard: Any) -> Any:
-    """The plan with its random key on the replica's device (one copy per replica)."""
-    if plan.key is None:
-        return plan
-    device = next((x.device for x in _tree.flatten(shard)[0] if isinstance(x, torch.Tensor)),
-                  plan.key.device)
-    return plan if plan.key.device == device else dataclasses.replace(plan,
-                                                                      key=plan.key.to(device))
-
-
-def _gather_rows(x: Any, frame: AxisFrame, dim: int, layout: Any, path: str) -> torch.Tensor:
-    from fdp._collectives import all_gather
-
+def _gather_rows(x: Any, frame: AxisFrame, dim: int, layout: Layout, path: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or not -x.dim() <= dim < x.dim() \
             or x.shape[dim] != layout.max_size:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__

@@ -26,9 +26,11 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
-from fdp import _tree
+from fdp import _check, _tree
 from fdp._layout import Layout
-from fdp.backends._comm import Unreachable
+from fdp.backends import _dist_module
+from fdp.backends._base import GradPlan, ModuleCall, ModuleResult, Params, PyTree
+from fdp.backends._comm import Communicator, Unreachable
 from fdp.backends._dist_comm import (
     FIRST_BUCKET_BYTES,
     DistComm,
@@ -37,6 +39,7 @@ from fdp.backends._dist_comm import (
     PendingCheck,
     plan_buckets,
 )
+from fdp.backends._options import ReduceOp
 from fdp.backends._spmd import SpmdBackend
 
 __all__ = ["DistributedBackend", "PeerFailure", "PeerTimeout"]
@@ -49,6 +52,7 @@ class DistributedBackend(SpmdBackend):
     """One replica per rank of ``group``; this process holds replica ``rank``."""
 
     name = "distributed"
+    ragged = True
 
     def __init__(self, group: Any, device: torch.device, timeout: float, bucket_bytes: int,
                  overlap: bool) -> None:
@@ -68,7 +72,7 @@ class DistributedBackend(SpmdBackend):
             else bucket_bytes
         self.overlap = overlap
         self._pending: PendingCheck | None = None
-        self._subcomms: dict[tuple[int, ...], DistComm] = {}
+        self._subcomms: dict[tuple[int, ...], Communicator | None] = {}
 
     @classmethod
     def create(cls, group: Any = None, *, device: Any = None, timeout: float = 300.0,
@@ -88,13 +92,12 @@ class DistributedBackend(SpmdBackend):
         if outside or dist.get_rank(group) < 0:
             raise ValueError(f"{fn}: this process (global rank {dist.get_rank()}) is not a "
                              f"member of the given group; build the mesh only on its members")
-        for name, value in (("timeout", timeout), ("bucket_mb", bucket_mb)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{fn}: {name} must be a positive number, got {value!r}")
+        timeout = _check.positive_number(timeout, fn, "timeout")
+        bucket_mb = _check.positive_number(bucket_mb, fn, "bucket_mb")
         if overlap is not None and not isinstance(overlap, bool):
             raise TypeError(f"{fn}: overlap must be a bool or None (automatic), got "
                             f"{type(overlap).__name__}")
-        dev = _default_device(group) if device is None else torch.device(device)
+        dev = _default_device(group) if device is None else _check.device(device, fn, "device")
         # Measured (docs/performance.md): on CPU, gloo's transfers need the cores that backward
         # uses, and one bucket after backward is faster; on GPUs communication runs beside it.
         overlap = dev.type == "cuda" if overlap is None else overlap
@@ -109,7 +112,7 @@ class DistributedBackend(SpmdBackend):
     def local(self, x: torch.Tensor) -> torch.Tensor:
         return x.narrow(0, self.rank, 1)
 
-    def active_comm(self, replicas: tuple[int, ...]) -> Any:
+    def active_comm(self, replicas: tuple[int, ...]) -> Communicator | None:
         """A process group over the ranks that received rows (every rank calls this, in the
         same order, so that the group is created collectively on first use).
 
@@ -137,6 +140,19 @@ class DistributedBackend(SpmdBackend):
 
     def comm(self) -> DistComm:
         return self._comm
+
+    @property
+    def home(self) -> torch.device:
+        return self.device
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise TypeError("a distributed Mesh cannot be pickled: it stands for this process's "
+                        "process group; build it with fdp.Mesh.distributed() where it is used")
+
+    def run_module(self, call: ModuleCall) -> ModuleResult:
+        """DataParallel on processes: every rank runs its rows and gets the whole output;
+        backward sums the parameters' gradients over the ranks (see ``_dist_module``)."""
+        return _dist_module.run_module(self._comm, self.device, self.size, call)
 
     def run_replicas(self, fn: Callable[[int], Any]) -> list[Any]:
         try:
@@ -170,7 +186,8 @@ class DistributedBackend(SpmdBackend):
             return flat
         return flat.index_select(dim, layout.real_index(flat.device))
 
-    def all_reduce(self, x: torch.Tensor, op: str, weights: torch.Tensor | None) -> torch.Tensor:
+    def all_reduce(self, x: torch.Tensor, op: ReduceOp,
+                   weights: torch.Tensor | None) -> torch.Tensor:
         mine = x[0]
         if weights is None:
             return self._comm.all_reduce(mine, op).unsqueeze(0)
@@ -181,7 +198,8 @@ class DistributedBackend(SpmdBackend):
 
     # --- value_and_grad -----------------------------------------------------------------------
 
-    def value_and_grad(self, plan: Any, params: dict, batch: Any) -> tuple[Any, dict]:
+    def value_and_grad(self, plan: GradPlan, params: Params,
+                       batch: PyTree) -> tuple[Any, Params]:
         """SpmdBackend's step, after checking (overlapped with forward) that every rank passes
         the same param shapes, batch shapes and split; gradient buckets skip their own check."""
         self._pending = self._comm.start_check(_describe(plan, params, batch),
@@ -193,8 +211,8 @@ class DistributedBackend(SpmdBackend):
         finally:
             self._pending = None
 
-    def backward_and_reduce(self, comm: Any, term: torch.Tensor,
-                            params: dict) -> tuple[torch.Tensor, dict]:
+    def backward_and_reduce(self, comm: Communicator, term: torch.Tensor,
+                            params: Params) -> tuple[torch.Tensor, Params]:
         reducer = _Reducer(self, term, list(params.values()))
         if term.requires_grad and self.overlap:
             leaves = list(params.values())
@@ -292,7 +310,7 @@ class _Reducer:
         return out  # type: ignore[return-value]
 
 
-def _describe(plan: Any, params: dict, batch: Any) -> list[str]:
+def _describe(plan: GradPlan, params: Params, batch: PyTree) -> list[str]:
     layout = plan.layout
     parts = [f"strategy={plan.strategy}", f"split={list(layout.sizes)} at dim={layout.dim}"]
     parts += [f"params[{k!r}]: {_kind(v)}" for k, v in params.items()]

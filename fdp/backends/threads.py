@@ -21,9 +21,11 @@ from typing import Any
 
 import torch
 
+from fdp import _check
 from fdp.backends._comm import Communicator
+from fdp.backends._options import ReduceOp
 from fdp.backends._spmd import SpmdBackend
-from fdp.backends.vmap import VmapBackend
+from fdp.backends._stacked import StackedPlacement
 
 
 class ReplicaAborted(RuntimeError):
@@ -114,7 +116,7 @@ class ThreadComm(Communicator):
                              f"and dtypes, in the same order")
         return [v for _, v in slots]
 
-    def all_reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
+    def all_reduce(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
         me, dev = self.index(), self.devices[self.index()]
         values = self._deposit(x, ("psum/all_reduce", op, tuple(x.shape), x.dtype))
         # reduce-scatter: this replica reduces chunk `me` of everyone's tensor, in index order
@@ -149,7 +151,7 @@ class ThreadComm(Communicator):
         self._wait()
         return out
 
-    def all_reduce_many(self, xs: list[torch.Tensor], op: str) -> list[torch.Tensor]:
+    def all_reduce_many(self, xs: list[torch.Tensor], op: ReduceOp) -> list[torch.Tensor]:
         """One flat all-reduce per dtype (a single bucket: in-process copies are cheap)."""
         out: list[torch.Tensor | None] = [None] * len(xs)
         by_dtype: dict[torch.dtype, list[int]] = {}
@@ -162,7 +164,7 @@ class ThreadComm(Communicator):
                 out[i] = part.view(xs[i].shape)
         return out  # type: ignore[return-value]
 
-    def tracked_all_reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
+    def tracked_all_reduce(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
         """All-reduce whose result is computed from every replica's tracked input (autograd
         then differentiates across replicas without any communication in backward)."""
         stacked = self.all_gather(x, f"psum/all_reduce({op}) [grad mode on]")
@@ -201,7 +203,7 @@ class _Pinned(Communicator):
         finally:
             self.comm.bind(previous)
 
-    def all_reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
+    def all_reduce(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
         return self._call("all_reduce", x, op)
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -211,11 +213,17 @@ class _Pinned(Communicator):
         return self._call("broadcast", x, src)
 
 
-class ThreadsBackend(SpmdBackend):
-    """One replica per listed device, each replica's work in its own thread."""
+class ThreadsBackend(SpmdBackend, StackedPlacement):
+    """One replica per listed device, each replica's work in its own thread.
+
+    Outside its replica threads the backend keeps replicated values stacked on the first
+    device (:class:`~fdp.backends._stacked.StackedPlacement`).
+    """
 
     name = "threads"
+    ragged = True
     tape_collectives = True
+    replicas_share_generator = True
 
     def __init__(self, devices: tuple[torch.device, ...], timeout: float) -> None:
         cuda = [d for d in devices if d.type == "cuda"]
@@ -228,18 +236,28 @@ class ThreadsBackend(SpmdBackend):
             )
         self.size = len(devices)
         self.devices = devices
-        self.device = devices[0]  # the stacked representation's home (see VmapBackend)
         self.timeout = timeout
         self._comm = ThreadComm(devices, timeout)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()  # one step at a time per mesh
         self._inside = threading.local()
 
-    replicate = VmapBackend.replicate
-    unreplicate = VmapBackend.unreplicate
-    shard = VmapBackend.shard
-    unshard = VmapBackend.unshard
-    all_reduce = VmapBackend.all_reduce
+    @classmethod
+    def create(cls, n: object, devices: object, timeout: object) -> ThreadsBackend:
+        """Validates ``fdp.Mesh(devices=..., timeout=...)``'s arguments and builds the backend."""
+        if isinstance(devices, (str, torch.device)) or not isinstance(devices, Sequence):
+            raise TypeError(f"Mesh: devices must be a list of devices, got {devices!r}; "
+                            f"e.g. devices=['cuda:0', 'cuda:1'] or ['cpu'] * 3")
+        devs = tuple(_check.device(d, "Mesh", f"devices[{i}]") for i, d in enumerate(devices))
+        if not devs:
+            raise ValueError("Mesh: devices is empty; list at least one device")
+        if n is not None and n != len(devs):
+            raise ValueError(f"Mesh: n={n} but {len(devs)} devices were listed; drop n")
+        return cls(devs, _check.positive_number(timeout, "Mesh", "timeout", " of seconds"))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickles as its constructor call: the copy gets threads of its own."""
+        return (ThreadsBackend, (self.devices, self.timeout))
 
     @property
     def local_replicas(self) -> tuple[int, ...]:

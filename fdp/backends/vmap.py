@@ -8,75 +8,67 @@ from typing import Any
 import torch
 from torch.func import grad_and_value, vmap
 
-from fdp import _tree
+from fdp import _check, _tree
 from fdp._buffers import reduce_buffers
-from fdp._collectives import AxisFrame, bind_axis
-from fdp._layout import Layout
-from fdp.backends._base import Backend
+from fdp._compat import in_functorch_transform
+from fdp.backends._base import GradPlan, MapBody, Params, PyTree
 from fdp.backends._comm import Unreachable
+from fdp.backends._frame import AxisFrame, bind_axis
+from fdp.backends._options import Randomness
+from fdp.backends._stacked import StackedPlacement
+
+Groups = list[tuple[int, int, int]]
+GroupInputs = Callable[[int, int, int], list[torch.Tensor]]
+PerReplica = Callable[[Callable[..., Any]], Callable[..., Any]]
+Total = Callable[[Params], tuple[torch.Tensor, Any]]
 
 
-class VmapBackend(Backend):
+class VmapBackend(StackedPlacement):
     """Replicated values are tensors with a leading replica axis of size N on one device."""
 
     name = "vmap"
+    shared_device = True
 
     def __init__(self, size: int, device: torch.device) -> None:
         self.size = size
         self.device = device
+        self.devices = (device,) * size
 
-    def replicate(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device)  # no copy when already there
-        return x.unsqueeze(0).expand(self.size, *x.shape)  # zero-copy
+    @classmethod
+    def create(cls, n: object, device: torch.device | str | None) -> VmapBackend:
+        """Validates ``fdp.Mesh(n, device=...)``'s arguments and builds the backend."""
+        if not _check.is_int(n):
+            raise TypeError(f"Mesh: n must be an int, got {type(n).__name__}")
+        if n <= 0:
+            raise ValueError(f"Mesh: n must be ≥ 1 replicas, got n={n}")
+        return cls(n, _check.device(device, "Mesh", "device"))
 
-    def unreplicate(self, x: torch.Tensor) -> torch.Tensor:
-        return x[0]
+    @property
+    def home(self) -> torch.device:
+        return self.device
 
-    def shard(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
-        x = x.to(self.device)
-        dim = layout.dim % x.dim()
-        if layout.even:  # a view: no copy
-            return x.unflatten(dim, (self.size, layout.max_size)).movedim(dim, 0)
-        index = layout.padded_index(x.device)
-        rows = x.index_select(dim, index)
-        return rows.unflatten(dim, (self.size, layout.max_size)).movedim(dim, 0)
+    def placement(self) -> str:
+        return f"device={str(self.device)!r}"
 
-    def unshard(self, x: torch.Tensor, layout: Layout, dim: int) -> torch.Tensor:
-        flat = x.movedim(0, dim).flatten(dim, dim + 1)
-        if layout.even:
-            return flat
-        return flat.index_select(dim, layout.real_index(x.device))
+    def __eq__(self, other: object) -> bool:  # virtual replicas: equal when built alike
+        if isinstance(other, VmapBackend):
+            return (self.size, self.device) == (other.size, other.device)
+        return super().__eq__(other)
 
-    def all_reduce(
-        self, x: torch.Tensor, op: str, weights: torch.Tensor | None
-    ) -> torch.Tensor:
-        if weights is not None:
-            w = weights.to(dtype=x.dtype, device=x.device)
-            w = w.reshape(self.size, *([1] * (x.dim() - 1)))
-            # where, not w * x: a replica with weight 0 (no rows) may hold NaN (a 0/0 mean)
-            out = torch.where(w > 0, w * x, 0).sum(0) / w.sum()
-        elif op == "sum":
-            out = x.sum(0)
-        elif op == "mean":
-            out = x.mean(0)
-        elif op == "max":
-            out = x.amax(0)
-        else:
-            out = x.amin(0)
-        return self.replicate(out)
+    def __hash__(self) -> int:
+        return hash((self.name, self.size, self.device))
 
-    def map(
-        self,
-        body: Callable[..., Sequence[torch.Tensor]],
-        mapped: Sequence[torch.Tensor],
-        in_dims: Sequence[int],
-        randomness: str = "error",
-    ) -> list[torch.Tensor]:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (VmapBackend, (self.size, self.device))
+
+    def map(self, body: MapBody, mapped: Sequence[torch.Tensor], in_dims: Sequence[int],
+            randomness: Randomness = "error") -> list[torch.Tensor]:
         index = torch.arange(self.size, device=self.device)
         return list(vmap(body, in_dims=(0, *in_dims), out_dims=0,
                          randomness=randomness)(index, *mapped))
 
-    def value_and_grad(self, plan: Any, params: dict, batch: Any) -> tuple[Any, dict]:
+    def value_and_grad(self, plan: GradPlan, params: Params,
+                       batch: PyTree) -> tuple[Any, Params]:
         """The fused formulation: gradient of the reduced, vmapped loss.
 
         Replicas with equal row counts that hold consecutive rows form one vmapped group whose
@@ -141,7 +133,7 @@ class VmapBackend(Backend):
         return (out, reduce_buffers(stacked, counts, plan.buffer_policy)), grads
 
 
-def _plain_autograd_ok(params: dict) -> bool:
+def _plain_autograd_ok(params: Params) -> bool:
     """Whether the faster tape-based autograd gives the same result as ``torch.func.grad``.
 
     That holds outside any torch.func transform and torch.compile (which trace ``torch.func``),
@@ -150,12 +142,12 @@ def _plain_autograd_ok(params: dict) -> bool:
     return (
         torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
-        and torch._C._functorch.peek_interpreter_stack() is None
+        and not in_functorch_transform()
         and not any(p.requires_grad for p in params.values())
     )
 
 
-def _autograd_value_and_grad(total: Callable, params: dict) -> tuple[Any, Any, dict]:
+def _autograd_value_and_grad(total: Total, params: Params) -> tuple[Any, Any, Params]:
     leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
     loss, extras = total(leaves)
     grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()),
@@ -172,7 +164,8 @@ def _is_tensor(x: Any) -> bool:
     return isinstance(x, torch.Tensor)
 
 
-def _weighted_total(plan, groups, group_inputs, per_replica, in_dims):
+def _weighted_total(plan: GradPlan, groups: Groups, group_inputs: GroupInputs,
+                    per_replica: PerReplica, in_dims: tuple[int, ...]) -> Total:
     batch_size = plan.layout.total
 
     def total(params: dict) -> tuple[torch.Tensor, Any]:
@@ -195,14 +188,16 @@ def _weighted_total(plan, groups, group_inputs, per_replica, in_dims):
     return total
 
 
-def _present(parts: tuple) -> Any:
+def _present(parts: tuple[Any, ...]) -> Any:
     """``(loss, aux, new_buffers)`` for vmap: the loss alone when the others are absent."""
     if parts[1] is None and parts[2] is None:
         return parts[0]
     return tuple({} if x is None else x for x in parts)
 
 
-def _gathered_total(plan, batch, groups, group_inputs, per_replica, in_dims):
+def _gathered_total(plan: GradPlan, batch: PyTree, groups: Groups,
+                    group_inputs: GroupInputs, per_replica: PerReplica,
+                    in_dims: tuple[int, ...]) -> Total:
     def total(params: dict) -> tuple[torch.Tensor, Any]:
         parts = []
         for first, k, s in groups:
@@ -244,3 +239,4 @@ def _tree_cat(parts: list[Any], dim: int) -> Any:
 
 def _concat_aux(auxes: list[Any]) -> Any:
     return _tree_cat(auxes, 0)
+

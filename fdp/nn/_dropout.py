@@ -12,13 +12,14 @@ import copy
 import torch
 from torch import nn
 
+from fdp import _check
 from fdp import random as _random
 
 __all__ = ["Dropout", "convert_dropout", "dropout"]
 
 
 def _check_p(p: object, fn: str) -> float:
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+    if not _check.is_number(p) or not 0.0 <= p < 1.0:
         raise ValueError(f"{fn}: p must be a probability in [0, 1), got {p!r} (p = 1 would "
                          f"drop everything; use a smaller p or remove the layer)")
     return float(p)
@@ -109,7 +110,7 @@ class Dropout(nn.Module):
         if axis_name is not None and (not isinstance(axis_name, str) or not axis_name):
             raise TypeError(f"fdp.nn.Dropout: axis_name must be None or a non-empty str, got "
                             f"{axis_name!r}")
-        if isinstance(row_dim, bool) or not isinstance(row_dim, int):
+        if not _check.is_int(row_dim):
             raise TypeError(f"fdp.nn.Dropout: row_dim must be an int, got {row_dim!r}")
         self.axis_name = axis_name
         self.row_dim = row_dim

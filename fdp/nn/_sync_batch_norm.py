@@ -13,8 +13,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fdp import _collectives
+from fdp import _check
 from fdp._collectives import psum
+from fdp.backends._frame import AxisFrame, bound_frames, lookup
 
 __all__ = ["BatchNormResult", "sync_batch_norm"]
 
@@ -188,24 +189,23 @@ def _check_inputs(x: Any, running_mean: Any, running_var: Any, weight: Any, bias
 def _check_options(training: Any, momentum: Any, eps: Any, axis_name: Any) -> None:
     if not isinstance(training, bool):
         raise TypeError(f"{_FN}: training must be a bool, got {type(training).__name__}")
-    if momentum is not None and (isinstance(momentum, bool)
-                                 or not isinstance(momentum, (int, float))):
+    if momentum is not None and not _check.is_number(momentum):
         raise TypeError(f"{_FN}: momentum must be a float or None, got "
                         f"{type(momentum).__name__}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+    if not _check.is_number(eps) or not eps >= 0:
         raise ValueError(f"{_FN}: eps must be a non-negative float, got {eps!r}")
     if not isinstance(axis_name, str):
         raise TypeError(f"{_FN}: axis_name must be a str, got {type(axis_name).__name__}")
 
 
-def _frame(axis_name: str) -> _collectives.AxisFrame | None:
+def _frame(axis_name: str) -> AxisFrame | None:
     """The bound frame of ``axis_name``; ``None`` outside any pmap (local statistics)."""
-    if not _collectives._frames():
+    if not bound_frames():
         return None
-    return _collectives.lookup(axis_name, _FN)  # raises for a name this pmap does not bind
+    return lookup(axis_name, _FN)  # raises for a name this pmap does not bind
 
 
-def _row_mask(mask: Any, frame: _collectives.AxisFrame | None,
+def _row_mask(mask: Any, frame: AxisFrame | None,
               x: torch.Tensor) -> torch.Tensor | None:
     """The explicit ``mask``, else the pmap's padding mask; checked against ``x``'s rows."""
     name = "mask"
@@ -226,7 +226,7 @@ def _row_mask(mask: Any, frame: _collectives.AxisFrame | None,
 
 
 def _batch_stats(x: torch.Tensor, mask: torch.Tensor | None,
-                 frame: _collectives.AxisFrame | None,
+                 frame: AxisFrame | None,
                  channels: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """Mean, biased variance and value count per channel over all replicas' real rows."""
     dims = [0, *range(2, x.dim())]
@@ -250,7 +250,7 @@ def _batch_stats(x: torch.Tensor, mask: torch.Tensor | None,
 
 
 def _local_count(x: torch.Tensor, mask: torch.Tensor | None, spatial: int,
-                 frame: _collectives.AxisFrame) -> torch.Tensor:
+                 frame: AxisFrame) -> torch.Tensor:
     """This replica's number of values per channel, an int64 tensor.
 
     Built like ``frame.index`` (one value per replica), so that ``psum`` adds the counts of the
@@ -262,7 +262,7 @@ def _local_count(x: torch.Tensor, mask: torch.Tensor | None, spatial: int,
 
 
 def _count_to_check(count: Any, x: torch.Tensor, spatial: int, mask: torch.Tensor | None,
-                    frame: _collectives.AxisFrame | None) -> Any:
+                    frame: AxisFrame | None) -> Any:
     """The total count the ``> 1`` check reads, without a device sync where possible.
 
     The summed count is exact (it also counts only replicas that actually ran), and reading it

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.utils._pytree as pytree
 
-from fdp import _tree
+from fdp import _check, _tree
 
 __all__ = ["EmptyState", "GradientTransformation", "apply_updates", "chain"]
 
@@ -239,7 +239,7 @@ def need_params(params: PyTree | None, fn: str, why: str) -> None:
 
 def number(value: Any, fn: str, name: str) -> float:
     """``value`` as a float; must be a finite real number (not a bool or a tensor)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not _check.is_number(value):
         raise TypeError(f"{fn}: {name} must be a float, got {type(value).__name__}")
     if not math.isfinite(value):
         raise ValueError(f"{fn}: {name} must be finite, got {value}")

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from fdp import _check
 from fdp.optim import _base
 
 __all__ = [
@@ -44,7 +45,7 @@ def _schedule(formula: _Formula, name: str) -> Schedule:
     def schedule(step: int | torch.Tensor) -> float | torch.Tensor:
         if isinstance(step, torch.Tensor):
             return formula(step.to(torch.float64))
-        if isinstance(step, bool) or not isinstance(step, int):
+        if not _check.is_int(step):
             raise TypeError(f"{name}: step must be an int or a tensor, got {step!r}")
         if step < 0:
             raise ValueError(f"{name}: step must be >= 0, got {step}")
@@ -55,7 +56,7 @@ def _schedule(formula: _Formula, name: str) -> Schedule:
 
 
 def _steps(value: Any, fn: str, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not _check.is_int(value):
         raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{fn}: {name} must be >= {minimum}, got {value}")
@@ -209,7 +210,7 @@ def check_learning_rate(learning_rate: Any, fn: str) -> None:
     """A learning rate is a float >= 0 or a schedule (a callable of the step count)."""
     if callable(learning_rate):
         return
-    if isinstance(learning_rate, bool) or not isinstance(learning_rate, int | float):
+    if not _check.is_number(learning_rate):
         raise TypeError(
             f"{fn}: learning_rate must be a float or a schedule (a callable of the step count), "
             f"got {type(learning_rate).__name__}; e.g. learning_rate=0.1 or "
@@ -234,7 +235,7 @@ def learning_rate_at(learning_rate: Any, count: torch.Tensor, fn: str) -> float 
         if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(lr):
             return lr
         bad = not bool(torch.isfinite(lr)) or bool(lr < 0)
-    elif isinstance(lr, int | float) and not isinstance(lr, bool):
+    elif _check.is_number(lr):
         bad = not math.isfinite(lr) or lr < 0
     else:
         raise TypeError(f"{fn}: the learning_rate schedule returned a {type(lr).__name__}; "

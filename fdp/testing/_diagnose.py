@@ -26,13 +26,14 @@ __all__ = ["diagnose"]
 
 
 def diagnose(spec: Spec, sizes: tuple[int, ...], bad_buffers: list[str], raised: bool,
-             backend: str = "vmap") -> list[str]:
+             ragged: bool = False) -> list[str]:
     """Lines that explain the difference, most specific first (never empty).
 
     ``raised``: the data-parallel run raised (rather than giving other numbers);
-    ``backend``: the mesh's (the vmap backend's ``"sync"`` needs equal shards).
+    ``ragged``: the mesh's backend runs shards of different sizes in one step (else
+    ``"sync"`` needs equal shards: the vmap backend).
     """
-    split_even = backend != "vmap" or len(set(sizes)) == 1
+    split_even = ragged or len(set(sizes)) == 1
     module, params, buffers, per_layer = _target(spec)
     runner = _Runner(module, params, buffers, spec)
     reference = runner.reference()

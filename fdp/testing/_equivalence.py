@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from fdp._functionalize import Model
-from fdp._layout import SplitRule, split_sizes
+from fdp._layout import split_sizes
 from fdp._mesh import Mesh
+from fdp.backends._options import SplitRule
 from fdp.testing._diagnose import diagnose
 from fdp.testing._runs import Trajectory, data_parallel, single_device
 from fdp.testing._spec import FN, Spec, cuda_indices, make_spec, meshes
@@ -147,12 +148,13 @@ def _check_mesh(spec: Spec, mesh: Mesh, sizes: tuple[int, ...], expected: Trajec
         head = (f"data-parallel training raised {type(e).__name__} where single-device "
                 f"training runs: {_first_line(e)}")
         raise AssertionError(_report(spec, mesh, sizes, head, [],
-                                     diagnose(spec, sizes, [], True, mesh.backend))) from e
+                                     diagnose(spec, sizes, [], True, mesh.backend.ragged))) from e
     found = _compare(actual, expected, spec)
     if found:
         head = "data-parallel training differs from single-device training"
         bad_buffers = list(dict.fromkeys(m.buffer for m in found if m.buffer is not None))
-        culprits = diagnose(spec, sizes, bad_buffers, False, mesh.backend)
+        culprits = diagnose(spec, sizes, bad_buffers, False,
+                            mesh.backend.ragged)
         raise AssertionError(_report(spec, mesh, sizes, head, found, culprits))
 
 
@@ -163,8 +165,8 @@ def _first_line(error: BaseException) -> str:
 
 def _report(spec: Spec, mesh: Mesh, sizes: tuple[int, ...], head: str,
             found: list[Mismatch], culprits: list[str]) -> str:
-    setup = (f"mesh of {mesh.size} ({mesh.backend}), split={spec.split!r}: {spec.rows} rows -> "
-             f"{sizes}, buffer_policy={spec.buffer_policy!r}")
+    setup = (f"mesh of {mesh.size} ({mesh.backend_name}), split={spec.split!r}: "
+             f"{spec.rows} rows -> {sizes}, buffer_policy={spec.buffer_policy!r}")
     lines = [f"{FN}: {head}", f"  setup: {setup}"]
     for m in found[:_MAX_LINES]:
         lines.append(f"  differs: {m.label}: {m.detail}")

@@ -11,12 +11,11 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from fdp import _check
-from fdp._buffers import check_policy
 from fdp._functionalize import Model
-from fdp._layout import SplitRule, split_sizes
+from fdp._inputs import batch_size
+from fdp._layout import split_sizes
 from fdp._mesh import Mesh
-from fdp._pmap import check_randomness
-from fdp._primitives import batch_size
+from fdp.backends._options import SplitRule, check_buffer_policy, check_randomness
 
 __all__ = ["Args", "Spec", "call_args", "default_inputs", "make_spec", "meshes", "shard"]
 
@@ -123,15 +122,14 @@ def make_spec(model_or_apply: Any, loss_fn: Any, batch: Any, inputs: Any, split:
                                          for n in ("init", "update")):
         raise TypeError(f"{FN}: optimizer must be an fdp.optim optimizer (with init and "
                         f"update), e.g. fdp.optim.sgd(0.1); got {type(optimizer).__name__}")
-    check_policy(buffer_policy, FN)
+    check_buffer_policy(buffer_policy, FN)
     _choice(strategy, ("weighted", "gather"), "strategy")
     _choice(reduction, ("mean", "sum"), "reduction")
     check_randomness(randomness, FN)
     if buffer_policy is not None and strategy == "gather":
         raise ValueError(f"{FN}: buffer_policy works with strategy='weighted'")
     for name, value in (("rtol", rtol), ("atol", atol)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or value < 0):
+        if value is not None and (not _check.is_number(value) or value < 0):
             raise ValueError(f"{FN}: {name} must be a number >= 0 or None, got {value!r}")
     if model is not None:
         params, buffers = model.params, model.buffers

@@ -15,13 +15,16 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
-from fdp._layout import SplitRule, split_sizes
+from fdp import _check
+from fdp._layout import split_sizes
 from fdp._mesh import Mesh
+from fdp.backends import cpu_backends
+from fdp.backends._options import SplitRule
 from fdp.testing._models import CaseSpec, ModelCase, build_case
 
 __all__ = ["MeshBatch", "mesh_batches", "meshes", "model_cases", "models", "pytrees", "splits"]
 
-BACKENDS = ("vmap", "threads")
+BACKENDS = tuple(cpu_backends())
 SPLIT_KINDS = ("chunk", "even", "explicit")
 MODEL_KINDS = ("mlp", "cnn", "kwargs")
 _DTYPES = (torch.float64, torch.float32)
@@ -36,15 +39,14 @@ def _check_choices(values: Sequence[str], allowed: tuple[str, ...], name: str) -
 
 
 def _check_range(low: int, high: int, name: str, minimum: int) -> None:
-    if isinstance(low, bool) or isinstance(high, bool) or not isinstance(low, int) \
-            or not isinstance(high, int):
+    if not (_check.is_int(low) and _check.is_int(high)):
         raise TypeError(f"{name}: bounds must be ints, got {low!r} and {high!r}")
     if not minimum <= low <= high:
         raise ValueError(f"{name}: need {minimum} <= min <= max, got {low} and {high}")
 
 
 def _mesh(n: int, backend: str) -> Mesh:
-    return Mesh(n) if backend == "vmap" else Mesh(devices=["cpu"] * n)
+    return Mesh.from_backend(cpu_backends()[backend](n))
 
 
 def meshes(min_size: int = 1, max_size: int = 8, *,

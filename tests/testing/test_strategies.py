@@ -17,7 +17,7 @@ from fdp.testing._spec import call_args
 
 @given(fst.meshes())
 def test_meshes_default_range(mesh):
-    assert isinstance(mesh, fdp.Mesh) and 1 <= mesh.size <= 8 and mesh.backend == "vmap"
+    assert isinstance(mesh, fdp.Mesh) and 1 <= mesh.size <= 8 and mesh.backend_name == "vmap"
 
 
 @given(fst.meshes(3, 5))
@@ -118,4 +118,4 @@ def test_strategies_attribute_is_the_module():
 
 @given(fst.meshes(2, 3, backends=["threads"]))
 def test_meshes_threads_backend(mesh):
-    assert mesh.backend == "threads" and mesh.size in (2, 3)
+    assert mesh.backend_name == "threads" and mesh.size in (2, 3)

@@ -11,24 +11,24 @@ every rank, so ``torch.optim`` steps identically everywhere.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from fdp import _tree
-from fdp._collectives import AxisFrame, bind_axis
-from fdp._layout import Layout
-from fdp.backends._spmd import _reduce_buffers
+from fdp._buffers import exchange_buffers
+from fdp.backends._comm import Communicator
+from fdp.backends._frame import AxisFrame, bind_axis
+from fdp.backends._module import ModuleCall, ModuleResult, check_rows, replica_forward
 
-Tensors = dict[str, torch.Tensor]
+__all__ = ["run_module"]
 
 
 class _SumGradsOverRanks(torch.autograd.Function):
     """Identity on the parameters; backward all-reduces (sums) their gradients in buckets."""
 
     @staticmethod
-    def forward(comm: Any, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(comm: Communicator, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(p.view_as(p) for p in params)
 
     @staticmethod
@@ -51,7 +51,7 @@ class _GatherRows(torch.autograd.Function):
     the gradient all-reduce, also on a rank whose rows did not reach the loss."""
 
     @staticmethod
-    def forward(x: torch.Tensor, anchor: torch.Tensor, comm: Any) -> torch.Tensor:
+    def forward(x: torch.Tensor, anchor: torch.Tensor, comm: Communicator) -> torch.Tensor:
         return comm.all_gather(x.contiguous())
 
     @staticmethod
@@ -65,48 +65,46 @@ class _GatherRows(torch.autograd.Function):
         return g[ctx.comm.index()], torch.zeros(shape, dtype=dtype, device=device), None
 
 
-def forward(dp: Any, mesh: Any, model: Any, params: Tensors, buffers: Tensors, batch: tuple,
-            layout: Layout, synced: bool, run_replica: Any) -> tuple[Any, Tensors]:
-    """This rank's part of ``DataParallel.forward``: ``(global output, kept buffers)``."""
-    from fdp._data_parallel import _check_rows
-
-    comm = mesh.impl.comm()
+def run_module(comm: Communicator, device: torch.device, size: int,
+               call: ModuleCall) -> ModuleResult:
+    """This rank's part of a ``DataParallel`` forward: the whole batch's output, and the
+    buffers the policy keeps (the same on every rank)."""
+    layout, dim = call.layout, call.dim
     rank, m = comm.index(), layout.max_size
     # Parameters and differentiable inputs get their gradients summed over the ranks: each
     # rank's backward only reaches its own rows' contributions.
-    leaves, treedef = _tree.flatten(batch)
+    leaves, treedef = _tree.flatten((call.inputs, call.kwargs))
     summed = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.requires_grad]
+    params = call.params
     routed = list(_SumGradsOverRanks.apply(comm, *params.values(), *(leaves[i] for i in summed))) \
         if params or summed else []
     used = dict(zip(params, routed[:len(params)], strict=True))
     for i, x in zip(summed, routed[len(params):], strict=True):
         leaves[i] = x
     rows = layout.padded_index()[rank * m:(rank + 1) * m]
-    local = _tree.unflatten([x.index_select(dp.dim, rows.to(x.device))
+    local = _tree.unflatten([x.index_select(dim, rows.to(x.device))
                              if isinstance(x, torch.Tensor) else x for x in leaves], treedef)
-    mask = (torch.arange(m) < layout.sizes[rank]).to(mesh.devices[0])
-    frame = AxisFrame(mesh.axis_name, mesh.size, torch.tensor(rank, device=mask.device),
-                      comm=comm, mask=mask if synced else None,
-                      offset=torch.tensor(layout.offsets[rank], device=mask.device))
-    count = None if synced else torch.tensor(layout.sizes[rank])  # trim to the real rows
+    mask = (torch.arange(m) < layout.sizes[rank]).to(device)
+    frame = AxisFrame(call.axis_name, size, torch.tensor(rank, device=device),
+                      comm=comm, mask=mask if call.synced else None,
+                      offset=torch.tensor(layout.offsets[rank], device=device))
+    count = None if call.synced else torch.tensor(layout.sizes[rank])  # trim to the real rows
     with bind_axis(frame):
-        out, new_buffers = run_replica(model.apply, dp.dim, m)(used, dict(buffers), count,
-                                                               local)
+        out, new_buffers = replica_forward(call.apply, dim, m)(used, dict(call.buffers), count,
+                                                                local)
     for path, x in _tree.leaves_with_path(out, "out"):  # every rank, before any collective
         if isinstance(x, torch.Tensor):
-            _check_rows(path, tuple(x.shape), m, dp.dim)
+            check_rows(path, tuple(x.shape), m, dim)
     anchor = routed[0] if routed else torch.zeros(())
-    real = layout.real_index(mask.device)
+    real = layout.real_index(device)
 
     def gather(_: str, x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
             return x
         every = _GatherRows.apply(x, anchor, comm)  # [N, ..., m at dim + 1, ...]
-        d = dp.dim % x.dim()
+        d = dim % x.dim()
         return every.movedim(0, d).flatten(d, d + 1).index_select(d, real.to(x.device))
 
     out = _tree.map_with_path(gather, out, root="out")
-    if not buffers:
-        return out, {}
-    plan = SimpleNamespace(layout=layout, buffer_policy=dp.buffer_policy)
-    return out, _reduce_buffers(comm, new_buffers, plan)
+    kept = exchange_buffers(comm, new_buffers, layout.sizes, call.buffer_policy, "DataParallel")
+    return ModuleResult(out, kept)
