@@ -80,7 +80,7 @@ def value_and_grad(
             :func:`fdp.pmap`. Values differ from a single-device run's draws, so random layers
             make the result equal to single-device training only in distribution.
         buffer_policy: for models with state that the forward updates (BatchNorm running
-            stats): ``"replica0"``, ``"mean"`` or ``"sync"`` (see ``fdp._buffers`` and
+            stats): ``"replica0"``, ``"mean"`` or ``"sync"`` (see
             docs/training.md). Then ``loss_fn(params, buffers, batch)`` returns
             ``(loss, new_buffers)`` (``((loss, aux), new_buffers)`` with ``has_aux``), the
             returned function takes ``(params, buffers, batch, *args)`` and gives

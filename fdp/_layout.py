@@ -153,7 +153,8 @@ class Sharded:
 
     @property
     def mask(self) -> torch.Tensor:
-        """``[N, max_size]`` bool: True on real rows (pass it to pmap with in_axes=0)."""
+        """A bool tensor of shape ``[N, max_size]``, True on real rows (pass it to pmap with
+        in_axes=0)."""
         return self.layout.mask(self._device())
 
     def _device(self) -> torch.device | None:

@@ -129,7 +129,7 @@ class Mesh:
 
     @property
     def backend_name(self) -> str:
-        """The backend's name: ``"vmap"``, ``"threads"`` or ``"distributed"``."""
+        """The backend's name, one of ``"vmap"``, ``"threads"`` or ``"distributed"``."""
         return self._backend.name
 
     @property

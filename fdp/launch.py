@@ -75,8 +75,9 @@ def run(fn: Callable[..., Any], nprocs: int, args: tuple = (), kwargs: dict | No
         ``[result of rank 0, result of rank 1, ...]``.
 
     Raises:
-        The first failing rank's exception (its remote traceback in a note), ``RankFailed`` if
-        a rank exited without a result, or ``TimeoutError``.
+        RankFailed: a rank exited without a result.
+        TimeoutError: the run took longer than ``timeout``.
+        Exception: the first failing rank's own exception, its remote traceback in a note.
 
     Example:
         >>> fdp.launch.run(_rank_and_size, 2)

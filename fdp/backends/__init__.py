@@ -67,6 +67,10 @@ _IMPLEMENTATIONS = {
 }
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
 def __getattr__(name: str) -> Any:
     if name in _IMPLEMENTATIONS:
         return getattr(importlib.import_module(_IMPLEMENTATIONS[name]), name)

@@ -47,7 +47,8 @@ Reduction = Literal["mean", "sum"]
 """How a loss reduces over its examples (the ``"weighted"`` strategy's weights)."""
 
 BufferPolicy = Literal["replica0", "mean", "sync"]
-"""Which of the replicas' updated buffers a step keeps (see :mod:`fdp._buffers`)."""
+"""Which of the replicas' updated buffers a step keeps (see :func:`fdp.data_parallel_step`
+and docs/training.md)."""
 
 SplitName = Literal["chunk", "even"]
 SplitRule = SplitName | Sequence[int]

@@ -217,7 +217,7 @@ class ThreadsBackend(SpmdBackend, StackedPlacement):
     """One replica per listed device, each replica's work in its own thread.
 
     Outside its replica threads the backend keeps replicated values stacked on the first
-    device (:class:`~fdp.backends._stacked.StackedPlacement`).
+    device (``StackedPlacement``).
     """
 
     name = "threads"
