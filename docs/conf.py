@@ -19,14 +19,15 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # import the checkout's fdp even when it is not installed
 
-import fdp  # noqa: E402
 from sphinx.util.docutils import SphinxDirective  # noqa: E402
+
+import fdp  # noqa: E402
 
 # --- project ------------------------------------------------------------------------------------
 
 project = "fdp"
 author = "fdp contributors"
-copyright = "fdp contributors"  # noqa: A001
+copyright = "fdp contributors"
 release = fdp.__version__  # the one place the version lives
 version = ".".join(release.split(".")[:2])
 GITHUB = "https://github.com/fdp-dev/fdp"

@@ -16,8 +16,7 @@ from fdp._mesh import Mesh
 from fdp._pmap import pmap
 from fdp._primitives import all_reduce, gather, replicate, scatter, unreplicate
 from fdp._train import TrainState, data_parallel_step
-
-__version__ = "0.1.0"
+from fdp._version import __version__ as __version__
 
 __all__ = [
     "DataParallel",

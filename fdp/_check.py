@@ -45,7 +45,7 @@ def choice(value: Any, choices: Sequence[T], fn: str, name: str, hint: str = "")
     if isinstance(value, str) and value in choices:
         return value  # type: ignore[return-value]  # narrowed by membership
     if not isinstance(value, str) and any(value is c for c in choices):
-        return value  # type: ignore[no-any-return]
+        return value
     raise ValueError(f"{fn}: unknown {name}={value!r}; use one of {tuple(choices)}{hint}")
 
 

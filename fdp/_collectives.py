@@ -28,6 +28,9 @@ from fdp.backends._comm import Communicator
 from fdp.backends._frame import AxisFrame, lookup
 from fdp.backends._options import ReduceOp
 
+InDims = tuple[int | None, ...]
+Batched = tuple[torch.Tensor, int | None]  # a vmap rule's output and its batch dim
+
 __all__ = ["all_gather", "axis_index", "axis_size", "pmax", "pmean", "pmin", "psum"]
 
 
@@ -88,7 +91,8 @@ class _AllReduce(torch.autograd.Function):
         return _AllReduce.apply(x_t * hit, ctx.index, "sum", ctx.n) / ties
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple, x: torch.Tensor, index: torch.Tensor, op: ReduceOp, n: int):
+    def vmap(info: Any, in_dims: InDims, x: torch.Tensor, index: torch.Tensor, op: ReduceOp, n: int
+             ) -> Batched:
         x_dim, index_dim = in_dims[0], in_dims[1]
         if index_dim is None:  # a vmap level inside the pmap: pass through
             return _AllReduce.apply(x, index, op, n), x_dim
@@ -115,9 +119,11 @@ class _AllGather(torch.autograd.Function):
         return _AllGather.apply(x_t, ctx.index, ctx.axis, ctx.n)
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple, x: torch.Tensor, index: torch.Tensor, axis: int, n: int):
+    def vmap(info: Any, in_dims: InDims, x: torch.Tensor, index: torch.Tensor, axis: int, n: int
+             ) -> Batched:
         x_dim, index_dim = in_dims[0], in_dims[1]
         if index_dim is None:  # a vmap level inside the pmap: keep its batch dim in front
+            assert x_dim is not None  # functorch calls the rule where an operand is batched
             return _AllGather.apply(x.movedim(x_dim, 0), index, axis + 1, n), 0
         if x_dim is None:
             return torch.stack([x] * n, axis), None
@@ -159,7 +165,8 @@ class _CommAllReduce(torch.autograd.Function):
         return _CommAllReduce.apply(x_t * hit, ctx.comm, "sum") / ties
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple, x: torch.Tensor, comm: Communicator, op: ReduceOp):
+    def vmap(info: Any, in_dims: InDims, x: torch.Tensor, comm: Communicator, op: ReduceOp
+             ) -> Batched:
         # A vmap inside the replica: every replica has the same vmapped size, so one
         # elementwise collective over the stacked values serves all vmapped entries.
         if in_dims[0] is None:
@@ -187,7 +194,8 @@ class _CommAllGather(torch.autograd.Function):
         return _CommAllGather.apply(x_t, ctx.comm, ctx.axis)
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple, x: torch.Tensor, comm: Communicator, axis: int):
+    def vmap(info: Any, in_dims: InDims, x: torch.Tensor, comm: Communicator, axis: int
+             ) -> Batched:
         if in_dims[0] is None:
             return _CommAllGather.apply(x, comm, axis), None
         return _CommAllGather.apply(x.movedim(in_dims[0], 0), comm, axis + 1), 0

@@ -13,16 +13,26 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree  # torch has no public pytree module yet (2.13)
 from torch.nn.modules.batchnorm import _BatchNorm as BatchNormBase
-from torch.nn.parameter import UninitializedTensorMixin
+from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
 __all__ = [
     "BatchNormBase",
     "UninitializedTensorMixin",
+    "add_note",
     "broadcast_prefix_and_flatten",
     "in_functorch_transform",
     "is_functorch_wrapped",
     "pytree",
 ]
+
+
+def add_note(error: BaseException, note: str) -> None:
+    """``error.add_note(note)`` (Python 3.11+); on 3.10, which shows no notes, the note joins
+    the message of an exception with one string argument."""
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    elif len(error.args) == 1 and isinstance(error.args[0], str):
+        error.args = (f"{error.args[0]}\n{note}",)
 
 
 def broadcast_prefix_and_flatten(prefix: Any, treedef: pytree.TreeSpec) -> list[Any] | None:

@@ -138,7 +138,7 @@ class DataParallel(nn.Module):
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         """Runs the module data-parallel on ``inputs``/``kwargs``; see the class docstring."""
         mesh = self.mesh
-        params = dict(self.module.named_parameters())
+        params: Tensors = dict(self.module.named_parameters())
         buffers = {k: v.detach() for k, v in self.module.named_buffers()}
         _check_devices({**params, **buffers}, mesh)
         layout = Layout(split_sizes(_batch_size((inputs, kwargs), self.dim), mesh.size,

@@ -159,8 +159,9 @@ def _call_with(module: nn.Module, slots: list[_Slot], params: Params, buffers: P
             table[attr] = source[kind][key]
         out = module(*args, **kwargs)
         for owner, kind, attr, key in slots:
-            if kind == "_buffers" and owner._buffers[attr] is not buffers[key]:
-                buffers[key] = owner._buffers[attr]
+            new = owner._buffers[attr] if kind == "_buffers" else None
+            if new is not None and new is not buffers[key]:
+                buffers[key] = new
         return out
     finally:
         for table, attr, value in reversed(saved):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +61,7 @@ class Layout:
         replica), so padded rows hold real data and never produce inf/NaN that could leak
         into masked reductions.
         """
-        idx = []
+        idx: list[int] = []
         for off, s in zip(self.offsets, self.sizes, strict=True):
             last = off + s - 1 if s > 0 else 0
             idx.extend(range(off, off + s))
@@ -98,15 +99,17 @@ class Layout:
         return runs
 
 
-def split_sizes(batch_size: int, n: int, split: SplitRule, fn: str = "scatter") -> tuple[int, ...]:
-    """Per-replica row counts of a batch of ``batch_size`` rows over ``n`` replicas."""
+def split_sizes(batch_size: int, n: int, split: str | Sequence[int],
+                fn: str = "scatter") -> tuple[int, ...]:
+    """Per-replica row counts of a batch of ``batch_size`` rows over ``n`` replicas (``split``
+    is checked: a rule's name or one count per replica)."""
     if isinstance(split, str):
         if split == "chunk":
             # torch.chunk's rule (nn.DataParallel's scatter): ceil-sized chunks, then empties.
             chunk = -(-batch_size // n)
             full, rest = divmod(batch_size, chunk)
-            sizes = [chunk] * full + ([rest] if rest else [])
-            return tuple(sizes + [0] * (n - len(sizes)))
+            chunks = [chunk] * full + ([rest] if rest else [])
+            return tuple(chunks + [0] * (n - len(chunks)))
         if split == "even":
             base, extra = divmod(batch_size, n)
             return tuple(base + 1 if i < extra else base for i in range(n))
@@ -130,7 +133,7 @@ def split_sizes(batch_size: int, n: int, split: SplitRule, fn: str = "scatter") 
             f"{fn}: split={list(sizes)} sums to {sum(sizes)} but the batch has {batch_size} "
             f"rows; the sizes must add up to the batch size"
         )
-    return sizes
+    return tuple(sizes)
 
 
 @dataclass(frozen=True)

@@ -121,7 +121,7 @@ def _static_argnums(value: Any, fn: Callable[..., Any]) -> tuple[int, ...]:
         return positions
     count = _positional_count(fn)
     bad = [] if count is None else _out_of_range(positions, count)
-    if bad:
+    if bad and count is not None:
         raise ValueError(
             f"pmap: static_broadcasted_argnums={value!r} has {bad}, out of range for "
             f"{getattr(fn, '__name__', 'fn')}, which takes {_arguments(count)} "
@@ -183,12 +183,14 @@ def _unwrapping(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _call(fn: Callable[..., Any], mesh: Mesh, name: str, in_axes: Axes, out_axes: Axes,
-          args: tuple, kwargs: dict[str, Any], randomness: str) -> Any:
+          args: tuple[Any, ...], kwargs: dict[str, Any], randomness: Randomness) -> Any:
     pairs = _tree.leaves_with_path(args, "args", is_leaf=_is_sharded)
     treedef = _tree.flatten(args, is_leaf=_is_sharded)[1]
     axes = _leaf_axes(in_axes, args)
     layouts: list[Layout] = []
-    flat, flat_axes, paths = [], [], []
+    flat: list[Any] = []
+    flat_axes: list[int | None] = []
+    paths: list[str] = []
     for (path, leaf), axis in zip(pairs, axes, strict=True):
         if _is_sharded(leaf):
             if axis != 0:
@@ -288,7 +290,9 @@ def _check_mapped_inputs(flat: list, axes: list, paths: list, mesh: Mesh) -> Non
             )
 
 
-def _run(fn, mesh, name, out_axes, treedef, flat, flat_axes, kwargs, layouts, randomness):
+def _run(fn: Callable[..., Any], mesh: Mesh, name: str, out_axes: Axes, treedef: Any,
+         flat: list[Any], flat_axes: list[int | None], kwargs: dict[str, Any],
+         layouts: list[Layout], randomness: Randomness) -> Any:
     mapped_pos = [i for i, (x, a) in enumerate(zip(flat, flat_axes, strict=True))
                   if a is not None and isinstance(x, torch.Tensor)]
     in_dims = [flat_axes[i] % flat[i].dim() for i in mapped_pos]

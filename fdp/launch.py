@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from fdp import _check
+from fdp._compat import add_note
 
 __all__ = ["Pool", "RankFailed", "current_group", "run"]
 
@@ -252,7 +253,7 @@ def _collect(procs: list, conns: list, ranks: list[int], deadline: float, timeou
         others = [f"rank {r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                   for r, e in sorted(errors.items()) if r != first]
         if others:
-            error.add_note("other ranks failed too: " + "; ".join(others))
+            add_note(error, "other ranks failed too: " + "; ".join(others))
         raise error
     if pending:
         raise TimeoutError(f"{fn}: rank(s) {sorted(pending)} did not finish within {timeout:g} "
@@ -283,7 +284,7 @@ def _rebuild_error(packed: tuple, rank: int, n: int) -> BaseException:
         error = pickle.loads(blob) if blob is not None else RuntimeError(text)
     except Exception:
         error = RuntimeError(text)
-    error.add_note(f"raised in rank {rank} of {n} (fdp.launch); the rank's traceback:\n{tb}")
+    add_note(error, f"raised in rank {rank} of {n} (fdp.launch); the rank's traceback:\n{tb}")
     return error
 
 
@@ -344,8 +345,9 @@ def _call(payload: bytes, init: Callable[[], Any] | None = None) -> bytes:
 def _pack_error(e: BaseException) -> tuple:
     tb = "".join(traceback.format_exception(e))
     try:
-        blob: bytes | None = pickle.dumps(e)
-        pickle.loads(blob)
+        packed = pickle.dumps(e)
+        pickle.loads(packed)  # what cannot be unpickled travels as text
+        blob: bytes | None = packed
     except Exception:
         blob = None
     return blob, f"{type(e).__name__}: {e}", tb

@@ -39,9 +39,9 @@ class _SumGradsOverRanks(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple:
-        grads = [torch.zeros_like(z) if g is None else g for g, z in zip(grads, ctx.like,
-                                                                         strict=True)]
-        return (None, *ctx.comm.all_reduce_many(grads, "sum"))
+        dense = [torch.zeros_like(z) if g is None else g
+                 for g, z in zip(grads, ctx.like, strict=True)]
+        return (None, *ctx.comm.all_reduce_many(dense, "sum"))
 
 
 class _GatherRows(torch.autograd.Function):

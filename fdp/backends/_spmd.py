@@ -40,9 +40,14 @@ class SpmdBackend(Backend):
     def local_replicas(self) -> tuple[int, ...]:
         """Indices of the replicas this process runs."""
 
-    def active_comm(self, replicas: tuple[int, ...]) -> Communicator:
-        """A communicator over the listed replicas only (called by exactly those replicas)."""
-        raise NotImplementedError
+    @abstractmethod
+    def comm(self) -> Communicator:
+        """The communicator of the whole axis."""
+
+    @abstractmethod
+    def active_comm(self, replicas: tuple[int, ...]) -> Communicator | None:
+        """A communicator over the listed replicas only (``None`` on a replica outside them;
+        on the distributed backend every rank must call this, to create process groups)."""
 
     @abstractmethod
     def run_replicas(self, fn: Callable[[int], Any]) -> list[Any]:
@@ -206,7 +211,7 @@ class _ReplicaStep:
         if len(active) == self.backend.size:
             return frame
         comm = self.backend.active_comm(active)  # every replica calls it (see distributed)
-        if r not in active:
+        if r not in active or comm is None:
             return frame
         return dataclasses.replace(frame, size=len(active), comm=comm,
                                    index=torch.tensor(active.index(r), device=frame.index.device))
@@ -238,11 +243,11 @@ class _ReplicaStep:
     def reduce_grads(comm: Communicator, params: Params,
                      grads: Sequence[torch.Tensor | None],
                      loss: torch.Tensor) -> tuple[torch.Tensor, Params]:
-        grads = [torch.zeros_like(p) if g is None else g
+        dense = [torch.zeros_like(p) if g is None else g
                  for p, g in zip(params.values(), grads, strict=True)]
         loss = loss.detach().to(next(iter(params.values())).dtype)
-        loss, *grads = comm.all_reduce_many([loss, *grads], "sum")
-        return loss, dict(zip(params, grads, strict=True))
+        total, *summed = comm.all_reduce_many([loss, *dense], "sum")
+        return total, dict(zip(params, summed, strict=True))
 
 
 class _WeightedStep(_ReplicaStep):
@@ -253,7 +258,7 @@ class _WeightedStep(_ReplicaStep):
         dev, params, comm, frame = self.setup(r)
         rows = plan.layout.sizes[r]
         buffers = None
-        if plan.buffer_policy is not None:
+        if plan.buffers is not None:
             keys = list(plan.buffers)
             buffers = dict(zip(keys, to_device([plan.buffers[k] for k in keys], dev),
                                strict=True))
@@ -269,7 +274,7 @@ class _WeightedStep(_ReplicaStep):
         dtype = term.dtype
         loss, grads = self.backend.backward_and_reduce(comm, term, params)
         loss = loss.to(dtype)
-        if plan.buffer_policy is not None:
+        if plan.buffer_policy is not None and new_buffers is not None:
             new_buffers = exchange_buffers(comm, new_buffers, plan.layout.sizes,
                                            plan.buffer_policy)
         return loss, grads, aux, new_buffers

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from fdp import _check, _tree
+from fdp._compat import add_note
 from fdp._layout import Layout
 from fdp.backends import _dist_module
 from fdp.backends._base import GradPlan, ModuleCall, ModuleResult, Params, PyTree
@@ -158,7 +159,7 @@ class DistributedBackend(SpmdBackend):
         try:
             return [fn(self.rank)]
         except BaseException as e:  # the peers fail within the timeout instead of hanging
-            e.add_note(f"raised in replica {self.rank} of {self.size} (global rank "
+            add_note(e, f"raised in replica {self.rank} of {self.size} (global rank "
                        f"{dist.get_rank()}, device {self.device}) of a distributed mesh")
             raise
 
@@ -224,9 +225,9 @@ class DistributedBackend(SpmdBackend):
                 for h in hooks:
                     h.remove()
         elif term.requires_grad:
-            grads = torch.autograd.grad(term, list(params.values()), allow_unused=True)
-            for i, g in enumerate(grads):
-                reducer.ready(len(grads) - i, g)
+            computed = torch.autograd.grad(term, list(params.values()), allow_unused=True)
+            for i, g in enumerate(computed):
+                reducer.ready(len(computed) - i, g)
         loss, *grads = reducer.finish()
         return loss.to(term.dtype), dict(zip(params, reversed(grads), strict=True))
 

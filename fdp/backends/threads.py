@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from fdp import _check
+from fdp._compat import add_note
 from fdp.backends._comm import Communicator
 from fdp.backends._options import ReduceOp
 from fdp.backends._spmd import SpmdBackend
@@ -335,7 +336,7 @@ class ThreadsBackend(SpmdBackend, StackedPlacement):
         # the first replica that failed on its own, not because a peer aborted the rendezvous
         r, error = next(((r, e) for r, e in failures if not isinstance(e, ReplicaAborted)),
                         failures[0])
-        error.add_note(f"raised in replica {r} of {self.size} (device {self.devices[r]}) "
+        add_note(error, f"raised in replica {r} of {self.size} (device {self.devices[r]}) "
                        f"of a threads mesh")
         raise error
 

@@ -84,7 +84,8 @@ class VmapBackend(StackedPlacement):
                 f"into {plan.layout.sizes}; use a batch size divisible by {self.size}, or a "
                 f"threads mesh (fdp.Mesh(devices=[...])), where shards may differ"
             )
-        buffer_keys = list(plan.buffers) if plan.buffer_policy is not None else []
+        buffers = plan.buffers if plan.buffer_policy is not None and plan.buffers else {}
+        buffer_keys = list(buffers)
 
         def group_inputs(first: int, k: int, s: int) -> list[torch.Tensor]:
             # positions among the replicas that run (those with rows), as axis_size counts
@@ -93,7 +94,7 @@ class VmapBackend(StackedPlacement):
             shard = [(leaf if k * s == leaf.shape[d] else leaf.narrow(d, first, k * s))
                      .unflatten(d, (k, s))
                      for leaf, d in zip(leaves, dims, strict=True) if d is not None]
-            bufs = [plan.buffers[key].unsqueeze(0).expand(k, *plan.buffers[key].shape)
+            bufs = [buffers[key].unsqueeze(0).expand(k, *buffers[key].shape)
                     for key in buffer_keys]
             offsets = first + s * torch.arange(k, device=self.device)
             return [index, offsets, *bufs, *shard]
@@ -168,8 +169,10 @@ def _weighted_total(plan: GradPlan, groups: Groups, group_inputs: GroupInputs,
                     per_replica: PerReplica, in_dims: tuple[int, ...]) -> Total:
     batch_size = plan.layout.total
 
-    def total(params: dict) -> tuple[torch.Tensor, Any]:
-        acc, auxes, buffers = None, [], []
+    def total(params: Params) -> tuple[torch.Tensor, Any]:
+        acc: torch.Tensor | None = None
+        auxes: list[Any] = []
+        buffers: list[Any] = []
         for first, k, s in groups:
             # vmap outputs must be tensors: absent parts stay out (the loss alone is cheapest)
             fn = per_replica(lambda shard, bufs: _present(plan.call_loss(params, shard, bufs)))
@@ -183,6 +186,7 @@ def _weighted_total(plan: GradPlan, groups: Groups, group_inputs: GroupInputs,
             buffers.append(new_buffers)
         aux = _concat_aux(auxes) if plan.has_aux else {}
         stacked = _tree_cat(buffers, 0) if plan.buffer_policy is not None else {}
+        assert acc is not None, "a layout has at least one group"
         return acc, (aux, stacked)
 
     return total

@@ -21,7 +21,10 @@ def _status_kib(field: str) -> int:
     """A field of /proc/self/status in KiB (Linux); elsewhere the peak from getrusage."""
     try:
         with open("/proc/self/status") as f:
-            return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+            found = re.search(rf"{field}:\s+(\d+)", f.read())
+        if found is None:
+            raise OSError(f"no {field} in /proc/self/status")
+        return int(found.group(1))
     except OSError:
         import resource
 

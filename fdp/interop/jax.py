@@ -190,7 +190,7 @@ def _dense(t: torch.Tensor) -> bool:
     """Contiguous up to a permutation of the dimensions (what DLPack consumers accept)."""
     if t.is_contiguous():
         return True
-    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    order = sorted(range(t.dim()), key=lambda d: t.stride()[d], reverse=True)
     return t.permute(order).is_contiguous()
 
 

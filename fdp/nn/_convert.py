@@ -7,14 +7,14 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from fdp._compat import BatchNormBase, UninitializedTensorMixin
 from fdp.nn._sync_batch_norm import sync_batch_norm
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
 
-class SyncBatchNorm(_BatchNorm):
+class SyncBatchNorm(BatchNormBase):
     """BatchNorm (1d, 2d or 3d input) whose batch statistics span the replicas of a pmap axis.
 
     The forward is :func:`fdp.nn.sync_batch_norm`. In training mode with tracked statistics it
@@ -128,7 +128,7 @@ def convert_sync_batchnorm(module: nn.Module, axis_name: str = "dp") -> nn.Modul
         raise TypeError(f"convert_sync_batchnorm: axis_name must be a non-empty str, got "
                         f"{axis_name!r}")
     for name, sub in module.named_modules(prefix="module"):
-        if isinstance(sub, _BatchNorm) and _uninitialized(sub):
+        if isinstance(sub, BatchNormBase) and _uninitialized(sub):
             raise ValueError(
                 f"convert_sync_batchnorm: {name} is a {type(sub).__name__} whose parameters "
                 f"are not initialized yet; run one forward pass before converting"
@@ -137,7 +137,7 @@ def convert_sync_batchnorm(module: nn.Module, axis_name: str = "dp") -> nn.Modul
 
 
 def _uninitialized(module: nn.Module) -> bool:
-    return any(isinstance(t, nn.parameter.UninitializedTensorMixin)
+    return any(isinstance(t, UninitializedTensorMixin)
                for t in [*module.parameters(), *module.buffers()])
 
 
@@ -158,10 +158,10 @@ def replace_layers(module: nn.Module, swap: Callable[[nn.Module], nn.Module | No
 def _convert(module: nn.Module, axis_name: str) -> nn.Module:
     """Replaces BatchNorm layers in ``module`` (a private copy) and returns it."""
     return replace_layers(module, lambda m: _sync_layer(m, axis_name)
-                          if isinstance(m, _BatchNorm) else None)
+                          if isinstance(m, BatchNormBase) else None)
 
 
-def _sync_layer(bn: _BatchNorm, axis_name: str) -> SyncBatchNorm:
+def _sync_layer(bn: BatchNormBase, axis_name: str) -> SyncBatchNorm:
     """A SyncBatchNorm that takes over ``bn``'s configuration and (copied) tensors."""
     out = SyncBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine,
                         bn.track_running_stats, axis_name, device="meta",

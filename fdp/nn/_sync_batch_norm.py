@@ -113,7 +113,7 @@ def sync_batch_norm(
     mean, var, count = _batch_stats(x, _row_mask(mask, frame, x), frame, channels)
     out = _affine((x - _per_channel(mean, x)) * torch.rsqrt(_per_channel(var, x) + eps),
                   weight, bias)
-    if not tracked:
+    if running_mean is None or running_var is None:
         return BatchNormResult(out, None, None, num_batches_tracked)
     return BatchNormResult(out, *_update_running(running_mean, running_var, mean, var, count,
                                                  momentum, num_batches_tracked))
@@ -140,7 +140,8 @@ def _update_running(running_mean: torch.Tensor, running_var: torch.Tensor, mean:
     """New running mean, unbiased running variance and batch counter, as torch's _BatchNorm."""
     new_count = None if num_batches_tracked is None else num_batches_tracked + 1
     factor: Any = momentum
-    if momentum is None:  # cumulative moving average
+    if momentum is None:  # cumulative moving average (sync_batch_norm checked the counter)
+        assert new_count is not None
         factor = 1.0 / new_count.to(running_mean.dtype)
     if isinstance(count, torch.Tensor):  # an int64 count (summed over replicas or masked)
         count = count.to(var.dtype)

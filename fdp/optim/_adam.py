@@ -23,7 +23,7 @@ class AdamState(NamedTuple):
             ``EmptyState()`` (a tree with no leaves).
     """
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # optax's field name shadows tuple.count
     mu: PyTree
     nu: PyTree
     nu_max: PyTree

@@ -24,7 +24,7 @@ class RMSPropState(NamedTuple):
     A part the configuration does not use is an ``EmptyState()`` (a tree with no leaves).
     """
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # optax's field name shadows tuple.count
     square_avg: PyTree
     grad_avg: PyTree
     momentum_buffer: PyTree

@@ -18,7 +18,7 @@ class SGDState(NamedTuple):
     Without momentum, ``momentum_buffer`` is an ``EmptyState()`` (a tree with no leaves).
     """
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # optax's field name shadows tuple.count
     momentum_buffer: PyTree
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from fdp._functionalize import Model
 from fdp._layout import split_sizes
 from fdp._mesh import Mesh
-from fdp.backends._options import SplitRule
+from fdp.backends._options import BufferPolicy, Randomness, Reduction, SplitRule, Strategy
 from fdp.testing._diagnose import diagnose
 from fdp.testing._runs import Trajectory, data_parallel, single_device
 from fdp.testing._spec import FN, Spec, cuda_indices, make_spec, meshes
@@ -38,10 +38,10 @@ def assert_dp_equivalent(
     split: SplitRule = "chunk",
     steps: int = 1,
     optimizer: Any = None,
-    buffer_policy: str | None = None,
-    strategy: str = "weighted",
-    reduction: str = "mean",
-    randomness: str = "error",
+    buffer_policy: BufferPolicy | None = None,
+    strategy: Strategy = "weighted",
+    reduction: Reduction = "mean",
+    randomness: Randomness = "error",
     rtol: float | None = None,
     atol: float | None = None,
 ) -> None:

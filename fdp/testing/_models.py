@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from fdp._compat import BatchNormBase
 from fdp.testing._spec import Args
 
 __all__ = ["MLP", "KwargsNet", "ModelCase", "SmallCNN", "build_case"]
@@ -46,7 +47,7 @@ class MLP(nn.Module):
     def __init__(self, d_in: int = 4, hidden: int = 5, d_out: int = 3, *,
                  batchnorm: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
-        layers = [("fc", nn.Linear(d_in, hidden))]
+        layers: list[tuple[str, nn.Module]] = [("fc", nn.Linear(d_in, hidden))]
         layers += _extras(hidden, nn.BatchNorm1d if batchnorm else None, 0.0)
         layers += [("act", nn.Tanh()), *_extras(hidden, None, dropout)]
         self.body = _body(layers)
@@ -67,7 +68,7 @@ class SmallCNN(nn.Module):
     def __init__(self, c_in: int = 1, channels: int = 2, size: int = 4, d_out: int = 3, *,
                  batchnorm: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
-        layers = [("conv", nn.Conv2d(c_in, channels, 3, padding=1))]
+        layers: list[tuple[str, nn.Module]] = [("conv", nn.Conv2d(c_in, channels, 3, padding=1))]
         layers += _extras(channels, nn.BatchNorm2d if batchnorm else None, 0.0)
         layers += [("act", nn.ReLU()), *_extras(channels, None, dropout),
                    ("pool", nn.AvgPool2d(2)), ("flat", nn.Flatten())]
@@ -85,8 +86,9 @@ class KwargsNet(MLP):
     hidden rows. Submodules: ``body.fc``, ``body.bn``, ``body.act``, ``body.drop``, ``head``.
     """
 
-    def forward(self, inputs: dict, *, scale: float = 1.0,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(  # type: ignore[override]  # a nested input instead of MLP's tensor
+            self, inputs: dict[str, Any], *, scale: float = 1.0,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.body(inputs["x"] * scale)
         if mask is not None:
             h = h * mask.unsqueeze(-1)
@@ -140,25 +142,25 @@ def build_case(spec: CaseSpec) -> ModelCase:
     module.train(spec.training)
     loss_fn = _cross_entropy if spec.loss == "cross_entropy" else _mse
     if spec.kind == "kwargs":
-        batch = {"x": x["x"], "aux": x["aux"][0], "mask": x["mask"], "y": y}
+        nested = {"x": x["x"], "aux": x["aux"][0], "mask": x["mask"], "y": y}
 
         def inputs(b: Any) -> Args:
             return Args({"x": b["x"], "aux": (b["aux"],)}, scale=0.5, mask=b["mask"])
 
-        return ModelCase(module, batch, loss_fn, inputs, spec.kind)
+        return ModelCase(module, nested, loss_fn, inputs, spec.kind)
     batch = (x, y) if spec.container == "tuple" else {"x": x, "y": y}
     return ModelCase(module, batch, loss_fn, _default_inputs, spec.kind)
 
 
 def _module_and_input(spec: CaseSpec) -> tuple[nn.Module, Any]:
     b, dt = spec.batch_size, spec.dtype
-    opts = dict(batchnorm=spec.batchnorm, dropout=spec.dropout)
+    bn, p = spec.batchnorm, spec.dropout
     if spec.kind == "mlp":
-        return MLP(4, spec.hidden, 3, **opts).to(dt), torch.randn(b, 4, dtype=dt)
+        return MLP(4, spec.hidden, 3, batchnorm=bn, dropout=p).to(dt), torch.randn(b, 4, dtype=dt)
     if spec.kind == "cnn":
-        return (SmallCNN(1, spec.hidden, 4, 3, **opts).to(dt),
+        return (SmallCNN(1, spec.hidden, 4, 3, batchnorm=bn, dropout=p).to(dt),
                 torch.randn(b, 1, 4, 4, dtype=dt))
-    module = KwargsNet(4, spec.hidden, 3, **opts).to(dt)
+    module = KwargsNet(4, spec.hidden, 3, batchnorm=bn, dropout=p).to(dt)
     x = {"x": torch.randn(b, 4, dtype=dt), "aux": (torch.randn(b, spec.hidden, dtype=dt),),
          "mask": (torch.rand(b, dtype=dt) > 0.3).to(dt)}
     return module, x
@@ -167,7 +169,8 @@ def _module_and_input(spec: CaseSpec) -> tuple[nn.Module, Any]:
 def _randomize_running_stats(module: nn.Module) -> None:
     """Non-trivial running statistics, so eval-mode BatchNorm is not the identity."""
     for layer in module.modules():
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.running_mean is not None:
+        if isinstance(layer, BatchNormBase) and layer.running_mean is not None \
+                and layer.running_var is not None:
             with torch.no_grad():
                 layer.running_mean.normal_()
                 layer.running_var.uniform_(0.5, 2.0)

@@ -39,7 +39,7 @@ class _SingleDevice:
         self.spec = spec
         if spec.module is not None:
             self.module = copy.deepcopy(spec.module)
-            self.params = dict(self.module.named_parameters())
+            self.params: dict[str, torch.Tensor] = dict(self.module.named_parameters())
             for p in self.params.values():
                 p.requires_grad_(True)
         else:
@@ -119,11 +119,15 @@ def _dp_loss(spec: Spec, model: Model) -> Any:
 
 
 def data_parallel(spec: Spec, mesh: Mesh) -> Trajectory:
-    model = spec.model if spec.model is not None else functionalize(copy.deepcopy(spec.module))
+    if spec.model is not None:
+        model = spec.model
+    else:
+        assert spec.module is not None
+        model = functionalize(copy.deepcopy(spec.module))
     loss_fn = _dp_loss(spec, model)
-    options = dict(split=spec.split, strategy=spec.strategy, reduction=spec.reduction,
-                   randomness=spec.randomness, buffer_policy=spec.buffer_policy)
-    grad_fn = value_and_grad(loss_fn, mesh, **options)
+    grad_fn = value_and_grad(loss_fn, mesh, split=spec.split, strategy=spec.strategy,
+                             reduction=spec.reduction, randomness=spec.randomness,
+                             buffer_policy=spec.buffer_policy)
     if spec.buffer_policy is None:
         (loss, grads), buffers = grad_fn(model.params, spec.batch), model.buffers
     else:
@@ -131,7 +135,9 @@ def data_parallel(spec: Spec, mesh: Mesh) -> Trajectory:
     steps = []
     if spec.trains:
         optimizer = _optimizer(spec)
-        step = data_parallel_step(loss_fn, optimizer, mesh, **options)
+        step = data_parallel_step(loss_fn, optimizer, mesh, split=spec.split,
+                                  strategy=spec.strategy, reduction=spec.reduction,
+                                  randomness=spec.randomness, buffer_policy=spec.buffer_policy)
         state = TrainState.create(model.params, optimizer, buffers=model.buffers)
         for _ in range(spec.steps):
             state, metrics = step(state, spec.batch)

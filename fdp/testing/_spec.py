@@ -15,7 +15,17 @@ from fdp._functionalize import Model
 from fdp._inputs import batch_size
 from fdp._layout import split_sizes
 from fdp._mesh import Mesh
-from fdp.backends._options import SplitRule, check_buffer_policy, check_randomness
+from fdp.backends._options import (
+    BufferPolicy,
+    Randomness,
+    Reduction,
+    SplitRule,
+    Strategy,
+    check_buffer_policy,
+    check_randomness,
+    check_reduction,
+    check_strategy,
+)
 
 __all__ = ["Args", "Spec", "call_args", "default_inputs", "make_spec", "meshes", "shard"]
 
@@ -87,10 +97,10 @@ class Spec:
     split: SplitRule
     steps: int
     optimizer: Any
-    buffer_policy: str | None
-    strategy: str
-    reduction: str
-    randomness: str
+    buffer_policy: BufferPolicy | None
+    strategy: Strategy
+    reduction: Reduction
+    randomness: Randomness
     rtol: float | None
     atol: float | None
 
@@ -122,10 +132,10 @@ def make_spec(model_or_apply: Any, loss_fn: Any, batch: Any, inputs: Any, split:
                                          for n in ("init", "update")):
         raise TypeError(f"{FN}: optimizer must be an fdp.optim optimizer (with init and "
                         f"update), e.g. fdp.optim.sgd(0.1); got {type(optimizer).__name__}")
-    check_buffer_policy(buffer_policy, FN)
-    _choice(strategy, ("weighted", "gather"), "strategy")
-    _choice(reduction, ("mean", "sum"), "reduction")
-    check_randomness(randomness, FN)
+    buffer_policy = check_buffer_policy(buffer_policy, FN)
+    strategy = check_strategy(strategy, FN)
+    reduction = check_reduction(reduction, FN)
+    randomness = check_randomness(randomness, FN)
     if buffer_policy is not None and strategy == "gather":
         raise ValueError(f"{FN}: buffer_policy works with strategy='weighted'")
     for name, value in (("rtol", rtol), ("atol", atol)):
@@ -152,11 +162,6 @@ def _model_arg(value: Any) -> tuple[nn.Module | None, Model | None]:
         return None, value
     raise TypeError(f"{FN}: model_or_apply must be a torch.nn.Module or an fdp.Model "
                     f"(fdp.functionalize(module)), got {type(value).__name__}")
-
-
-def _choice(value: Any, allowed: tuple[str, ...], name: str) -> None:
-    if value not in allowed:
-        raise ValueError(f"{FN}: unknown {name}={value!r}; use one of {allowed}")
 
 
 def meshes(mesh: Any) -> list[Mesh]:
