@@ -62,10 +62,11 @@ class Layout:
         into masked reductions.
         """
         idx: list[int] = []
+        m = self.max_size  # once: a property costs O(N)
         for off, s in zip(self.offsets, self.sizes, strict=True):
             last = off + s - 1 if s > 0 else 0
             idx.extend(range(off, off + s))
-            idx.extend([last] * (self.max_size - s))
+            idx.extend([last] * (m - s))
         return torch.tensor(idx, dtype=torch.int64, device=device)
 
     def real_index(self, device: torch.device | str | None = None) -> torch.Tensor:
