@@ -31,6 +31,7 @@ def reduce_buffers(stacked: dict[str, torch.Tensor], counts: Sequence[int], poli
     """One value per buffer from ``stacked`` (leading axis: the replicas that got rows, whose
     row counts are ``counts``)."""
     weights = torch.tensor([float(c) for c in counts], dtype=torch.float64)
+    weights = weights / weights.sum()  # normalised: no overflow in a narrow dtype
     out = {}
     for key, value in stacked.items():
         if policy == "replica0" or value.shape[0] == 1:
@@ -45,10 +46,10 @@ def reduce_buffers(stacked: dict[str, torch.Tensor], counts: Sequence[int], poli
                 )
             out[key] = value[0]
         elif value.is_floating_point() or value.is_complex():
-            w = weights.to(dtype=value.dtype if value.is_floating_point() else torch.float64,
-                           device=value.device)
-            w = w.reshape(-1, *([1] * (value.dim() - 1)))
-            out[key] = (w * value).sum(0) / w.sum()
+            # accumulated in float64 (complex128), then rounded once to the buffer's dtype
+            wide = torch.complex128 if value.is_complex() else torch.float64
+            w = weights.to(value.device).reshape(-1, *([1] * (value.dim() - 1)))
+            out[key] = (w * value.to(wide)).sum(0).to(value.dtype)
         else:
             out[key] = value[0]
     return out

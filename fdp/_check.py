@@ -44,8 +44,6 @@ def choice(value: Any, choices: Sequence[T], fn: str, name: str, hint: str = "")
     """``value`` if it is one of ``choices``; else a ValueError listing them."""
     if isinstance(value, str) and value in choices:
         return value  # type: ignore[return-value]  # narrowed by membership
-    if not isinstance(value, str) and any(value is c for c in choices):
-        return value
     raise ValueError(f"{fn}: unknown {name}={value!r}; use one of {tuple(choices)}{hint}")
 
 
@@ -69,10 +67,14 @@ def param_dict(params: Any, fn: str, name: str = "params") -> dict[str, torch.Te
     return params
 
 
-def device(value: object, fn: str, name: str) -> torch.device:
-    """``value`` as a ``torch.device`` (the CPU for ``None``); a ValueError naming ``name`` when
-    it is not a device."""
-    if value is None:
+def device(value: object, fn: str, name: str, *, default_cpu: bool = True) -> torch.device:
+    """``value`` as a ``torch.device`` (the CPU for ``None`` where ``default_cpu``).
+
+    Raises:
+        TypeError: ``value`` is not a device, a str or an int.
+        ValueError: torch does not accept it as a device (torch's reason included).
+    """
+    if value is None and default_cpu:
         return torch.device("cpu")
     if isinstance(value, torch.device):
         return value
@@ -82,5 +84,5 @@ def device(value: object, fn: str, name: str) -> torch.device:
     try:
         return torch.device(value)
     except RuntimeError as e:
-        raise ValueError(f"{fn}: {name}={value!r} is not a device; use e.g. 'cpu', 'cuda' or "
-                         f"'cuda:0'") from e
+        raise ValueError(f"{fn}: {name}={value!r} is not a device here ({e}); use e.g. "
+                         f"'cpu', 'cuda' or 'cuda:0'") from e

@@ -41,7 +41,7 @@ from fdp._primitives import gather, replicate, scatter
 from fdp.backends._base import ModuleCall, ModuleResult
 from fdp.backends._comm import Unreachable
 from fdp.backends._frame import bind_axis, lookup
-from fdp.backends._module import check_rows, map_tensors, narrow, replica_forward
+from fdp.backends._module import check_rows, narrow, replica_forward
 from fdp.backends._options import BufferPolicy, Randomness, SplitRule
 from fdp.nn import SyncBatchNorm
 
@@ -152,7 +152,7 @@ class DataParallel(nn.Module):
         self._store(result.buffers)
         if self.output_device is None:
             return result.output
-        return map_tensors(lambda x: x.to(self.output_device), result.output)
+        return _tree.map_tensors(lambda x: x.to(self.output_device), result.output)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickles without the caches: the functional model is rebuilt on the next call."""
@@ -237,7 +237,7 @@ class DataParallel(nn.Module):
             _check_outputs(out, rows, self.dim)
             outs.append(gather(Sharded(out, res.layout), group))
             stacked.append(new_buffers)
-        return _concat(outs, self.dim), {k: torch.cat([s[k] for s in stacked])
+        return _tree.cat(outs, self.dim), {k: torch.cat([s[k] for s in stacked])
                                          for k in call.buffers}
 
     def _store(self, kept: Tensors) -> None:
@@ -290,13 +290,3 @@ def _no_collectives(fn: Callable[..., Any], mesh: Mesh, first: int,
             return fn(*args)
 
     return run
-
-
-def _concat(parts: list[Any], dim: int) -> Any:
-    """Concatenates the groups' gathered outputs along ``dim``."""
-    if len(parts) == 1:
-        return parts[0]
-    flats = [_tree.flatten(p) for p in parts]
-    cols = zip(*(f[0] for f in flats), strict=True)
-    leaves = [torch.cat(col, dim) if isinstance(col[0], torch.Tensor) else col[0] for col in cols]
-    return _tree.unflatten(leaves, flats[0][1])

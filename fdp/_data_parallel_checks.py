@@ -14,7 +14,7 @@ from fdp.backends._options import check_buffer_policy, check_randomness
 
 _FN = "DataParallel"
 
-Tensors = dict[str, torch.Tensor]
+Tensors = _tree.Params
 
 
 def _check_options(module: Any, mesh: Any, dim: Any, split: Any, buffer_policy: Any,

@@ -13,10 +13,10 @@ from torch import nn
 from torch.func import functional_call
 
 from fdp import _check
+from fdp._tree import Params
 
 __all__ = ["Model", "functionalize"]
 
-Params = dict[str, torch.Tensor]
 
 
 class Model(NamedTuple):
@@ -159,9 +159,8 @@ def _call_with(module: nn.Module, slots: list[_Slot], params: Params, buffers: P
             table[attr] = source[kind][key]
         out = module(*args, **kwargs)
         for owner, kind, attr, key in slots:
-            new = owner._buffers[attr] if kind == "_buffers" else None
-            if new is not None and new is not buffers[key]:
-                buffers[key] = new
+            if kind == "_buffers" and owner._buffers[attr] is not buffers[key]:
+                buffers[key] = owner._buffers[attr]  # type: ignore[assignment]  # may be None
         return out
     finally:
         for table, attr, value in reversed(saved):

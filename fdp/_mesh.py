@@ -153,6 +153,16 @@ class Mesh:
                 f"backend={self.backend_name!r}, {self._backend.placement()})")
 
 
+def _rebuild_vmap(n: int, axis_name: str, device: str) -> Mesh:
+    """Loads meshes pickled by fdp 0.1 (their pickles name this function)."""
+    return Mesh(n, axis_name=axis_name, device=device)
+
+
+def _rebuild_threads(devices: list[str], axis_name: str, timeout: float) -> Mesh:
+    """Loads meshes pickled by fdp 0.1 (their pickles name this function)."""
+    return Mesh(devices=devices, axis_name=axis_name, timeout=timeout)
+
+
 def check_mesh(value: object, fn: str) -> Mesh:
     """``value`` if it is a :class:`Mesh`; else a TypeError that shows how to build one."""
     if not isinstance(value, Mesh):

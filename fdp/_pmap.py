@@ -299,12 +299,12 @@ def _run(fn: Callable[..., Any], mesh: Mesh, name: str, out_axes: Axes, treedef:
     mapped = [flat[i] for i in mapped_pos]
     n_mapped = len(mapped)
     if layouts:  # the row offsets (and the mask of a padded split) ride along as mapped inputs
-        offsets = torch.tensor(layouts[0].offsets, device=mesh.devices[0])
+        offsets = torch.tensor(layouts[0].offsets, device=mesh.backend.home)
         mapped.append(mesh.backend.local(offsets))
         in_dims.append(0)
     padded = bool(layouts) and not layouts[0].even
     if padded:
-        mapped.append(mesh.backend.local(layouts[0].mask(mesh.devices[0])))
+        mapped.append(mesh.backend.local(layouts[0].mask(mesh.backend.home)))
         in_dims.append(0)
     out_info: dict[str, Any] = {}
 

@@ -27,14 +27,14 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     """
     check_mesh(mesh, "replicate")
     _inputs.tensor_leaves(tree, "replicate", "tree")
-    return _map_tensors(mesh.backend.replicate, tree)
+    return _tree.map_tensors(mesh.backend.replicate, tree)
 
 
 def unreplicate(tree: Any, mesh: Mesh) -> Any:
     """Takes replica 0's value of every leaf (inverse of :func:`replicate`)."""
     check_mesh(mesh, "unreplicate")
     _inputs.replica_axis(tree, mesh, "unreplicate", "tree", static_ok=True)
-    return _map_tensors(mesh.backend.unreplicate, tree)
+    return _tree.map_tensors(mesh.backend.unreplicate, tree)
 
 
 def scatter(batch: Any, mesh: Mesh, dim: int = 0, split: SplitRule = "chunk") -> Sharded:
@@ -62,7 +62,7 @@ def scatter(batch: Any, mesh: Mesh, dim: int = 0, split: SplitRule = "chunk") ->
     check_mesh(mesh, "scatter")
     rows = batch_size(batch, dim, "scatter")
     layout = Layout(split_sizes(rows, mesh.size, split, "scatter"), dim)
-    data = _map_tensors(lambda x: mesh.backend.shard(x, layout), batch)
+    data = _tree.map_tensors(lambda x: mesh.backend.shard(x, layout), batch)
     return Sharded(data, layout)
 
 
@@ -117,7 +117,7 @@ def gather(outs: Any, mesh: Mesh, dim: int | None = None) -> Any:
         lay = layout or Layout((x.shape[d + 1],) * mesh.size, d)
         return mesh.backend.unshard(x, lay, d)
 
-    return _map_tensors(unshard, tree)
+    return _tree.map_tensors(unshard, tree)
 
 
 def all_reduce(
@@ -149,7 +149,7 @@ def all_reduce(
                 f"all_reduce: op='mean' needs floating-point values but {path} is {leaf.dtype}; "
                 f"use op='sum' or cast it"
             )
-    return _map_tensors(lambda x: mesh.backend.all_reduce(x, op, w), tree)
+    return _tree.map_tensors(lambda x: mesh.backend.all_reduce(x, op, w), tree)
 
 
 def _weights(weights: Any, op: ReduceOp, mesh: Mesh) -> torch.Tensor | None:
@@ -166,9 +166,3 @@ def _weights(weights: Any, op: ReduceOp, mesh: Mesh) -> torch.Tensor | None:
     if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
         raise ValueError("all_reduce: weights must be finite, non-negative, with a positive sum")
     return w
-
-
-def _map_tensors(fn: Any, tree: Any) -> Any:
-    return _tree.map_with_path(
-        lambda _, x: fn(x) if isinstance(x, torch.Tensor) else x, tree
-    )

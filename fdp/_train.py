@@ -11,6 +11,7 @@ from fdp import _check, _tree
 from fdp._accumulate import accumulate
 from fdp._grad import value_and_grad
 from fdp._mesh import Mesh
+from fdp._tree import Params
 from fdp.backends._base import SplitLoss
 from fdp.backends._options import BufferPolicy, Randomness, Reduction, SplitRule, Strategy
 from fdp.optim import apply_updates
@@ -18,7 +19,6 @@ from fdp.random import _key_words, fold_in
 
 __all__ = ["TrainState", "data_parallel_step"]
 
-Params = dict[str, torch.Tensor]
 
 
 class TrainState(NamedTuple):

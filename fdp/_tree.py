@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
+
+from fdp._compat import broadcast_prefix_and_flatten, pytree
 
 __all__ = [
     "allclose",
@@ -28,6 +29,8 @@ __all__ = [
 ]
 
 PyTree = Any
+Params = dict[str, torch.Tensor]
+"""Parameters or buffers: name -> tensor."""
 
 
 def keystr(path: Sequence[Any], root: str = "") -> str:
@@ -92,13 +95,30 @@ def broadcast_prefix(
         ValueError: if ``prefix`` is not a prefix of ``tree``'s structure.
     """
     treedef = pytree.tree_structure(tree)
-    flat = pytree._broadcast_to_and_flatten(prefix, treedef)
+    flat = broadcast_prefix_and_flatten(prefix, treedef)
     if flat is None:
         raise ValueError(
             f"{what}={prefix!r} does not match the structure of the {of} {treedef}; "
             f"give a tree prefix of the {of}, e.g. one value per entry: {what}=(0, None)"
         )
     return flat
+
+
+def map_tensors(fn: Callable[[torch.Tensor], Any], tree: PyTree) -> PyTree:
+    """``fn`` applied to every tensor leaf of ``tree``; other leaves stay as they are."""
+    return map_with_path(lambda _, x: fn(x) if isinstance(x, torch.Tensor) else x, tree)
+
+
+def cat(trees: Sequence[PyTree], dim: int) -> PyTree:
+    """Trees of equal structure concatenated leaf by leaf along ``dim`` (a negative ``dim``
+    counts from each leaf's end); non-tensor leaves are taken from the first tree."""
+    if len(trees) == 1:
+        return trees[0]
+    flats = [flatten(t) for t in trees]
+    columns = zip(*(f[0] for f in flats), strict=True)
+    leaves = [torch.cat(col, dim % col[0].dim()) if isinstance(col[0], torch.Tensor) else col[0]
+              for col in columns]
+    return unflatten(leaves, flats[0][1])
 
 
 def stack(trees: Sequence[PyTree], dim: int = 0) -> PyTree:

@@ -151,3 +151,17 @@ def test_a_backend_is_not_its_name():
     assert mesh.backend_name == "vmap" and mesh.backend.name == "vmap"
     with pytest.raises(TypeError, match=r"mesh\.backend_name == 'vmap'"):
         _ = mesh.backend == "vmap"
+
+
+PRIVATE_TORCH = ("torch._C", "torch.utils._pytree", "_broadcast_to_and_flatten",
+                 "modules.batchnorm", "nn.parameter")
+
+
+def test_private_torch_apis_only_in_compat():
+    found = []
+    for name, path in MODULES.items():
+        code = " ".join(ast.unparse(n) for n in ast.walk(ast.parse(path.read_text()))
+                        if isinstance(n, (ast.Attribute, ast.Import, ast.ImportFrom)))
+        found += [f"{name}: {needle}" for needle in PRIVATE_TORCH
+                  if needle in code and name != "fdp._compat"]
+    assert not found, found

@@ -176,3 +176,21 @@ def test_policy_errors():
     with pytest.raises(ValueError, match="keys"):
         fdp.value_and_grad(lambda p, b, x: (_loss_fn(model)(p, b, x)[0], {}), fdp.Mesh(2),
                            buffer_policy="mean")(model.params, model.buffers, _batch(4))
+
+
+@pytest.mark.parametrize("mesh", [fdp.Mesh(2), threads_mesh(2)], ids=["vmap", "threads"])
+def test_mean_policy_of_half_precision_buffers_does_not_overflow(mesh):
+    """Row-count weights are normalised and accumulated in float64: 8192 rows of a float16
+    BatchNorm would overflow float16 (max 65504) as raw counts times values near 200."""
+    model = fdp.functionalize(nn.BatchNorm1d(2).half())
+    x = (torch.randn(8192, 2) * 0.1 + 200).half()
+
+    def loss_fn(params, buffers, batch):
+        out, new = model.apply(params, buffers, batch)
+        return out.float().square().mean(), new
+
+    (_, kept), _ = fdp.value_and_grad(loss_fn, mesh, buffer_policy="mean")(
+        model.params, model.buffers, x)
+    expected = 0.1 * x.float().mean(0)  # momentum 0.1 from a zero running mean
+    assert torch.isfinite(kept["running_mean"]).all()
+    torch.testing.assert_close(kept["running_mean"].float(), expected, rtol=2e-3, atol=0)

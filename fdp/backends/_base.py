@@ -105,6 +105,12 @@ class Backend(ABC):
     distributed backend). The data methods each work on one tensor leaf; the public functions
     walk the trees and check the arguments first.
 
+    A backend sets :attr:`size` and :attr:`devices` in its constructor and pickles as the call
+    that rebuilds it (``__reduce__``), since a pickled :class:`fdp.Mesh` holds its backend; one
+    that stands for something that cannot travel (a process group) raises there instead.
+    Comparing a backend with a str (``mesh.backend == "vmap"``, ``in ("vmap", ...)``) raises
+    ``TypeError``: ask for :attr:`fdp.Mesh.backend_name`, or better, a capability.
+
     Attributes:
         name: ``"vmap"``, ``"threads"`` or ``"distributed"``: for messages and reprs, never for
             dispatch (use the capabilities).

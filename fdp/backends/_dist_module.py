@@ -65,8 +65,7 @@ class _GatherRows(torch.autograd.Function):
         return g[ctx.comm.index()], torch.zeros(shape, dtype=dtype, device=device), None
 
 
-def run_module(comm: Communicator, device: torch.device, size: int,
-               call: ModuleCall) -> ModuleResult:
+def run_module(comm: Communicator, device: torch.device, call: ModuleCall) -> ModuleResult:
     """This rank's part of a ``DataParallel`` forward: the whole batch's output, and the
     buffers the policy keeps (the same on every rank)."""
     layout, dim = call.layout, call.dim
@@ -85,7 +84,7 @@ def run_module(comm: Communicator, device: torch.device, size: int,
     local = _tree.unflatten([x.index_select(dim, rows.to(x.device))
                              if isinstance(x, torch.Tensor) else x for x in leaves], treedef)
     mask = (torch.arange(m) < layout.sizes[rank]).to(device)
-    frame = AxisFrame(call.axis_name, size, torch.tensor(rank, device=device),
+    frame = AxisFrame(call.axis_name, comm.size, torch.tensor(rank, device=device),
                       comm=comm, mask=mask if call.synced else None,
                       offset=torch.tensor(layout.offsets[rank], device=device))
     count = None if call.synced else torch.tensor(layout.sizes[rank])  # trim to the real rows

@@ -19,11 +19,10 @@ from fdp import _tree
 from fdp._layout import Layout
 from fdp.backends._options import BufferPolicy, Randomness
 
-__all__ = ["Apply", "ModuleCall", "ModuleResult", "check_rows", "map_tensors", "narrow",
-           "replica_forward"]
+__all__ = ["Apply", "ModuleCall", "ModuleResult", "check_rows", "narrow", "replica_forward"]
 
 FN = "DataParallel"
-Tensors = dict[str, torch.Tensor]
+Tensors = _tree.Params
 Apply = Callable[..., tuple[Any, Tensors]]
 """``apply(params, buffers, *inputs, **kwargs) -> (output, new_buffers)``
 (:attr:`fdp.Model.apply`)."""
@@ -85,11 +84,7 @@ def replica_forward(apply: Apply, dim: int, rows: int) -> Callable[..., tuple[An
 
 def narrow(tree: Any, dim: int, start: int, length: int) -> Any:
     """Every tensor of ``tree`` narrowed to ``length`` rows from ``start`` at ``dim``."""
-    return map_tensors(lambda x: x.narrow(dim, start, length), tree)
-
-
-def map_tensors(fn: Callable[[torch.Tensor], Any], tree: Any) -> Any:
-    return _tree.map_with_path(lambda _, x: fn(x) if isinstance(x, torch.Tensor) else x, tree)
+    return _tree.map_tensors(lambda x: x.narrow(dim, start, length), tree)
 
 
 def _pad_rows(out: Any, dim: int, n: int, rows: int) -> Any:

@@ -22,8 +22,8 @@ from fdp.backends._options import BufferPolicy, Randomness, Reduction, Strategy
 
 __all__ = ["GradPlan", "KeyScope", "Params", "PyTree", "SplitLoss"]
 
-PyTree = Any
-Params = dict[str, torch.Tensor]
+from fdp._tree import Params, PyTree
+
 KeyScope = Callable[[torch.Tensor, int], AbstractContextManager[None]]
 """``key_scope(key, row_offset)``: the context a replica's forward runs in to draw keyed
 randomness (:func:`fdp.random.key_context`)."""
@@ -80,10 +80,14 @@ class GradPlan:
     row_offset: int = 0
     key_scope: KeyScope | None = None
 
+    def __post_init__(self) -> None:
+        if self.key is not None and self.key_scope is None:
+            raise ValueError("GradPlan: a key needs its key_scope (fdp.random.key_context)")
+
     def keyed(self, device: torch.device | None = None) -> AbstractContextManager[None]:
         """The key context a replica's forward runs in (none without a key), with the key
         on the replica's ``device``."""
-        if self.key is None or self.key_scope is None:
+        if self.key is None or self.key_scope is None:  # both or neither (__post_init__)
             return nullcontext()
         key = self.key if device is None else self.key.to(device)
         return self.key_scope(key, self.row_offset)

@@ -118,7 +118,7 @@ class SpmdBackend(Backend):
         step = _WeightedStep(self, plan, params, batch) if plan.strategy == "weighted" \
             else _GatheredStep(self, plan, params, batch)
         with self.policed_randomness(plan.randomness, "value_and_grad"):
-            results = [r for r in self.run_replicas(step.replica) if r is not None]
+            results = self.run_replicas(step.replica)
         return step.combine(results)
 
     @contextlib.contextmanager

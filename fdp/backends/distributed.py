@@ -153,7 +153,7 @@ class DistributedBackend(SpmdBackend):
     def run_module(self, call: ModuleCall) -> ModuleResult:
         """DataParallel on processes: every rank runs its rows and gets the whole output;
         backward sums the parameters' gradients over the ranks (see ``_dist_module``)."""
-        return _dist_module.run_module(self._comm, self.device, self.size, call)
+        return _dist_module.run_module(self._comm, self.device, call)
 
     def run_replicas(self, fn: Callable[[int], Any]) -> list[Any]:
         try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -55,6 +55,7 @@ class ThreadComm(Communicator):
         self._local = threading.local()
         self.waiting: set[int] = set()  # members blocked in a barrier (to name stuck ones)
         self._subsets: dict[tuple[int, ...], ThreadComm] = {}
+        self._subsets_lock = threading.Lock()  # every replica thread asks for the subset
 
     def bind(self, replica: int | None) -> None:
         self._local.replica = replica
@@ -72,12 +73,13 @@ class ThreadComm(Communicator):
         """A communicator over some replicas only (those of a step that received rows)."""
         if replicas == self.replicas:
             return self
-        if replicas not in self._subsets:
-            sub = ThreadComm([self.devices[self._position[r]] for r in replicas], self.timeout,
-                             replicas)
-            sub._local = self._local  # the same threads, bound to the same replica indices
-            self._subsets[replicas] = sub
-        return self._subsets[replicas]
+        with self._subsets_lock:
+            if replicas not in self._subsets:
+                sub = ThreadComm([self.devices[self._position[r]] for r in replicas],
+                                 self.timeout, replicas)
+                sub._local = self._local  # the same threads, bound to the same replica indices
+                self._subsets[replicas] = sub
+            return self._subsets[replicas]
 
     def abort(self) -> None:
         self._barrier.abort()
@@ -246,14 +248,15 @@ class ThreadsBackend(SpmdBackend, StackedPlacement):
     @classmethod
     def create(cls, n: object, devices: object, timeout: object) -> ThreadsBackend:
         """Validates ``fdp.Mesh(devices=..., timeout=...)``'s arguments and builds the backend."""
-        if isinstance(devices, (str, torch.device)) or not isinstance(devices, Sequence):
+        if isinstance(devices, (str, torch.device, int)) or not isinstance(devices, Iterable):
             raise TypeError(f"Mesh: devices must be a list of devices, got {devices!r}; "
                             f"e.g. devices=['cuda:0', 'cuda:1'] or ['cpu'] * 3")
-        devs = tuple(_check.device(d, "Mesh", f"devices[{i}]") for i, d in enumerate(devices))
+        devs = tuple(_check.device(d, "Mesh", f"devices[{i}]", default_cpu=False)
+                     for i, d in enumerate(devices))
         if not devs:
             raise ValueError("Mesh: devices is empty; list at least one device")
-        if n is not None and n != len(devs):
-            raise ValueError(f"Mesh: n={n} but {len(devs)} devices were listed; drop n")
+        if n is not None and _check.integer(n, "Mesh", "n") != len(devs):
+            raise ValueError(f"Mesh: n={n!r} but {len(devs)} devices were listed; drop n")
         return cls(devs, _check.positive_number(timeout, "Mesh", "timeout", " of seconds"))
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -184,8 +184,8 @@ def _weighted_total(plan: GradPlan, groups: Groups, group_inputs: GroupInputs,
             acc = term if acc is None else acc + term
             auxes.append(aux)
             buffers.append(new_buffers)
-        aux = _concat_aux(auxes) if plan.has_aux else {}
-        stacked = _tree_cat(buffers, 0) if plan.buffer_policy is not None else {}
+        aux = _tree.cat(auxes, 0) if plan.has_aux else {}
+        stacked = _tree.cat(buffers, 0) if plan.buffer_policy is not None else {}
         assert acc is not None, "a layout has at least one group"
         return acc, (aux, stacked)
 
@@ -210,7 +210,7 @@ def _gathered_total(plan: GradPlan, batch: PyTree, groups: Groups,
                 *group_inputs(first, k, s))
             parts.append(_tree.map_with_path(
                 lambda path, x, s=s: _merge_replicas(path, x, plan.out_dim, s), out, root="out"))
-        outputs = _tree_cat(parts, plan.out_dim)
+        outputs = _tree.cat(parts, plan.out_dim)
         result = plan.call_criterion(outputs, batch)
         loss, aux = result if plan.has_aux else (result, {})
         return loss, (aux, {})
@@ -230,17 +230,3 @@ def _merge_replicas(path: str, x: Any, dim: int, rows: int) -> torch.Tensor:
         )
     d = dim % (x.dim() - 1)
     return x.movedim(0, d).flatten(d, d + 1)
-
-
-def _tree_cat(parts: list[Any], dim: int) -> Any:
-    if len(parts) == 1:
-        return parts[0]
-    flats = [_tree.flatten(p) for p in parts]
-    treedef = flats[0][1]
-    cols = zip(*(f[0] for f in flats), strict=True)
-    return _tree.unflatten([torch.cat(c, dim % c[0].dim()) for c in cols], treedef)
-
-
-def _concat_aux(auxes: list[Any]) -> Any:
-    return _tree_cat(auxes, 0)
-

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-import torch.utils._pytree as pytree
 
 from fdp import _check, _tree
+from fdp._compat import pytree
 
 __all__ = ["EmptyState", "GradientTransformation", "apply_updates", "chain"]
 

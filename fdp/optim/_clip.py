@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-import torch.utils._pytree as pytree
 
+from fdp._compat import pytree
 from fdp.optim import _base
 from fdp.optim._base import EmptyState, GradientTransformation, PyTree
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from fdp import _check
+from fdp._compat import is_functorch_wrapped
 from fdp.optim import _base
 
 __all__ = [
@@ -232,7 +233,7 @@ def learning_rate_at(learning_rate: Any, count: torch.Tensor, fn: str) -> float 
         if lr.dim() != 0:
             raise ValueError(f"{fn}: the learning_rate schedule returned shape "
                              f"{tuple(lr.shape)}; a schedule must return a float or a 0-d tensor")
-        if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(lr):
+        if torch.compiler.is_compiling() or is_functorch_wrapped(lr):
             return lr
         bad = not bool(torch.isfinite(lr)) or bool(lr < 0)
     elif _check.is_number(lr):
@@ -241,7 +242,7 @@ def learning_rate_at(learning_rate: Any, count: torch.Tensor, fn: str) -> float 
         raise TypeError(f"{fn}: the learning_rate schedule returned a {type(lr).__name__}; "
                         f"a schedule must return a float or a 0-d tensor")
     if bad:
-        step = count if torch._C._functorch.is_functorch_wrapped_tensor(count) else count.tolist()
+        step = count if is_functorch_wrapped(count) else count.tolist()
         raise ValueError(
             f"{fn}: the learning_rate schedule returned {lr} at step {step}; a schedule must "
             f"return finite, non-negative values (check its parameters, e.g. a zero division)"

@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 from torch.func import functional_call
 
+from fdp._compat import BatchNormBase, pytree
 from fdp.testing._spec import Spec, call_args, shard
 from fdp.testing._trace import Finding, Tracer, difference
 
@@ -207,7 +207,7 @@ def _where(name: str, module: nn.Module | None) -> str:
 
 
 def _is_batch_stat_norm(module: nn.Module | None) -> bool:
-    if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+    if not isinstance(module, BatchNormBase):
         return False
     return module.training or module.running_mean is None
 

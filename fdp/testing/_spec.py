@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 
 from fdp import _check
+from fdp._compat import pytree
 from fdp._functionalize import Model
 from fdp._inputs import batch_size
 from fdp._layout import split_sizes

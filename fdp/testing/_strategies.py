@@ -209,7 +209,7 @@ def pytrees(batch_size: int, *, dtypes: Sequence[torch.dtype] = _DTYPES, max_lea
         >>> @settings(max_examples=5)
         ... @given(fst.pytrees(5, dtypes=[torch.float64]))
         ... def check(tree):
-        ...     for leaf in torch.utils._pytree.tree_leaves(tree):
+        ...     for leaf in fdp.tree.flatten(tree)[0]:
         ...         assert leaf.shape[0] == 5 and leaf.dtype == torch.float64
         >>> check()
     """

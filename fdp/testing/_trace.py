@@ -15,8 +15,9 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
+
+from fdp._compat import pytree
 
 __all__ = ["Finding", "Tracer", "tolerance"]
 
