@@ -17,9 +17,11 @@ from fdp._pmap import pmap
 from fdp._primitives import all_reduce, gather, replicate, scatter, unreplicate
 from fdp._train import TrainState, data_parallel_step
 from fdp._version import __version__ as __version__
+from fdp.backends._fallback import FallbackWarning
 
 __all__ = [
     "DataParallel",
+    "FallbackWarning",
     "Layout",
     "Mesh",
     "Model",

@@ -222,8 +222,10 @@ class DataParallel(nn.Module):
         layout = call.layout
         outs, stacked = [], []
         for first_row, k, rows in layout.groups():
-            group = self._meshes.setdefault(("group", k), Mesh(
-                k, axis_name=mesh.axis_name, device=mesh.backend.home))
+            key = ("group", k, mesh)
+            if key not in self._meshes:  # kept: a mesh's general executor owns threads
+                self._meshes[key] = Mesh.from_backend(mesh.backend.subgroup(k), mesh.axis_name)
+            group = self._meshes[key]
             first = next(i for i, (off, s) in enumerate(zip(layout.offsets, layout.sizes,
                                                             strict=True))
                          if off == first_row and s > 0)

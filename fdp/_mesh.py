@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from fdp.backends._base import Backend
+from fdp.backends._options import Executor
 from fdp.backends.distributed import DistributedBackend
 from fdp.backends.threads import ThreadsBackend
 from fdp.backends.vmap import VmapBackend
@@ -32,8 +33,15 @@ class Mesh:
         device: the device of the vmap backend (default: CPU).
         devices: one replica per listed device, each run by its own thread (the *threads*
             backend), e.g. ``["cuda:0", "cuda:1"]`` or ``["cpu"] * 3``.
-        timeout: threads backend: seconds a replica may take (and wait in a collective)
-            before the step fails with ``TimeoutError`` instead of hanging.
+        executor: how ``Mesh(n)`` runs its virtual replicas: ``"auto"`` (default: one
+            ``torch.func.vmap``, the fast path; where vmap cannot run the function, e.g. an
+            ``nn.LSTM``, ``.item()``, data-dependent control flow or autocast, the general
+            executor, with a one-time :class:`fdp.FallbackWarning`), ``"vmap"`` (vmap only:
+            its errors raise) or ``"general"`` (always one thread per replica on ``device``:
+            exact for any function that runs on one device, without vmap's batching).
+        timeout: seconds a replica thread may take (and wait in a collective) before the
+            step fails with ``TimeoutError`` instead of hanging (threads backend, and the
+            general executor of ``Mesh(n)``).
 
     Example:
         >>> mesh = Mesh(4)
@@ -50,6 +58,7 @@ class Mesh:
         axis_name: str = DEFAULT_AXIS_NAME,
         device: torch.device | str | None = None,
         devices: Sequence[torch.device | str] | None = None,
+        executor: Executor = "auto",
         timeout: float = 300.0,
     ) -> None:
         self._axis_name = _check_axis_name(axis_name, "Mesh")
@@ -57,12 +66,15 @@ class Mesh:
             if device is not None:
                 raise ValueError("Mesh: give either device (n virtual replicas on one device) "
                                  "or devices (one replica per device), not both")
+            if executor != "auto":
+                raise ValueError("Mesh: executor= chooses how n virtual replicas on one device "
+                                 "run; with devices=[...] every replica is a thread already")
             self._backend: Backend = ThreadsBackend.create(n, devices, timeout)
         elif n is None:
             raise TypeError("Mesh: give the number of replicas, e.g. Mesh(4), or "
                             "devices=[...] for one replica per device")
         else:
-            self._backend = VmapBackend.create(n, device)
+            self._backend = VmapBackend.create(n, device, executor, timeout)
 
     @classmethod
     def from_backend(cls, backend: Backend, axis_name: str = DEFAULT_AXIS_NAME) -> Mesh:

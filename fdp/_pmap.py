@@ -13,6 +13,7 @@ import torch
 from fdp import _check, _inputs, _tree
 from fdp._layout import Layout, Sharded
 from fdp._mesh import Mesh, check_mesh
+from fdp.backends._base import Replica
 from fdp.backends._frame import AxisFrame, bind_axis
 from fdp.backends._options import Randomness, check_randomness
 
@@ -308,7 +309,7 @@ def _run(fn: Callable[..., Any], mesh: Mesh, name: str, out_axes: Axes, treedef:
         in_dims.append(0)
     out_info: dict[str, Any] = {}
 
-    def body(index: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    def body(replica: Replica, *tensors: torch.Tensor) -> list[torch.Tensor]:
         extra = tensors[n_mapped:]
         offset = extra[0] if layouts else None
         mask = extra[1] if padded else None
@@ -316,8 +317,8 @@ def _run(fn: Callable[..., Any], mesh: Mesh, name: str, out_axes: Axes, treedef:
         for i, t in zip(mapped_pos, tensors[:n_mapped], strict=True):
             values[i] = t
         args = _rebuild_args(values, treedef)
-        frame = AxisFrame(name, mesh.size, index, comm=mesh.backend.comm(), mask=mask,
-                          offset=offset, tape=mesh.backend.tape_collectives)
+        frame = AxisFrame(name, mesh.size, replica.index, comm=replica.comm, mask=mask,
+                          offset=offset, tape=replica.tape)
         with bind_axis(frame):
             out = fn(*args, **kwargs)
         out_leaves, out_def = _tree.flatten(out)
@@ -325,7 +326,7 @@ def _run(fn: Callable[..., Any], mesh: Mesh, name: str, out_axes: Axes, treedef:
         # threads backend every replica reports its own, checked to agree below.)
         static = [(True, None) if isinstance(x, torch.Tensor) else (False, x)
                   for x in out_leaves]
-        out_info.setdefault("calls", []).append((index, out_def, static))
+        out_info.setdefault("calls", []).append((replica.index, out_def, static))
         return [x for x in out_leaves if isinstance(x, torch.Tensor)]
 
     results = iter(mesh.backend.map(body, mapped, in_dims, randomness=randomness))

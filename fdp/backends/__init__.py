@@ -19,6 +19,7 @@ from fdp.backends._base import (
     Backend,
     BufferPolicy,
     Communicator,
+    Executor,
     GradPlan,
     ModuleCall,
     ModuleResult,
@@ -29,6 +30,7 @@ from fdp.backends._base import (
     SplitRule,
     Strategy,
 )
+from fdp.backends._fallback import FallbackWarning
 
 if TYPE_CHECKING:
     from fdp.backends._dist_comm import PeerFailure, PeerTimeout
@@ -42,6 +44,8 @@ __all__ = [
     "BufferPolicy",
     "Communicator",
     "DistributedBackend",
+    "Executor",
+    "FallbackWarning",
     "GradPlan",
     "ModuleCall",
     "ModuleResult",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -42,6 +43,7 @@ from fdp.backends._options import (
     SPLIT_NAMES,
     STRATEGIES,
     BufferPolicy,
+    Executor,
     Randomness,
     ReduceOp,
     Reduction,
@@ -67,6 +69,7 @@ __all__ = [
     "Backend",
     "BufferPolicy",
     "Communicator",
+    "Executor",
     "GradPlan",
     "KeyScope",
     "Layout",
@@ -78,6 +81,7 @@ __all__ = [
     "Randomness",
     "ReduceOp",
     "Reduction",
+    "Replica",
     "SplitLoss",
     "SplitName",
     "SplitRule",
@@ -93,8 +97,27 @@ __all__ = [
     "lookup",
 ]
 
+@dataclass(frozen=True)
+class Replica:
+    """What one replica of a :meth:`Backend.map` is told about itself; ``fdp.pmap`` makes its
+    :class:`AxisFrame` from it.
+
+    Attributes:
+        index: the replica's index (an int64 scalar tensor; on the vmap backend, batched at the
+            map's vmap level).
+        comm: how it exchanges values with the others (``None``: vmap rules).
+        tape: its collectives build one autograd graph across the replicas
+            (:attr:`Backend.tape_collectives`).
+    """
+
+    index: torch.Tensor
+    comm: Communicator | None
+    tape: bool
+
+
 MapBody = Callable[..., Sequence[torch.Tensor]]
-"""``body(index, *per_replica_tensors) -> tensors``: one replica's part of a :meth:`Backend.map`."""
+"""``body(replica, *per_replica_tensors) -> tensors``: one replica's part of a
+:meth:`Backend.map` (``replica`` is a :class:`Replica`)."""
 
 
 class Backend(ABC):
@@ -187,11 +210,11 @@ class Backend(ABC):
     @abstractmethod
     def map(self, body: MapBody, mapped: Sequence[torch.Tensor], in_dims: Sequence[int],
             randomness: Randomness = "error") -> list[torch.Tensor]:
-        """Runs ``body(index, *per_replica_tensors)`` on every replica.
+        """Runs ``body(replica, *per_replica_tensors)`` on every replica.
 
-        ``mapped[i]`` holds the replicas along ``in_dims[i]``; ``index`` is the replica's
-        index (an int64 scalar tensor; the caller binds it into an :class:`AxisFrame`).
-        Outputs come back as replicated values, the replica axis first.
+        ``mapped[i]`` holds the replicas along ``in_dims[i]``; ``replica`` is a
+        :class:`Replica` (the caller binds it into an :class:`AxisFrame`). Outputs come back
+        as replicated values, the replica axis first.
         """
 
     @abstractmethod
@@ -207,6 +230,11 @@ class Backend(ABC):
         ``gather``: a backend overrides this where that composition cannot express its
         autograd (the distributed backend sums the parameters' gradients over processes)."""
         return None
+
+    def subgroup(self, size: int) -> Backend:
+        """A backend of the same kind and options over ``size`` replicas on this one's home
+        device: how a backend that is not :attr:`ragged` runs a group of equal shards apart."""
+        raise NotImplementedError(f"the {self.name} backend runs ragged shards itself")
 
     # --- identity ---------------------------------------------------------------------------
 

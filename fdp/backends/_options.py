@@ -18,7 +18,9 @@ __all__ = [
     "REDUCTIONS",
     "SPLIT_NAMES",
     "STRATEGIES",
+    "EXECUTORS",
     "BufferPolicy",
+    "Executor",
     "Randomness",
     "ReduceOp",
     "Reduction",
@@ -26,6 +28,7 @@ __all__ = [
     "SplitRule",
     "Strategy",
     "check_buffer_policy",
+    "check_executor",
     "check_randomness",
     "check_reduce_op",
     "check_reduction",
@@ -50,6 +53,12 @@ BufferPolicy = Literal["replica0", "mean", "sync"]
 """Which of the replicas' updated buffers a step keeps (see :func:`fdp.data_parallel_step`
 and docs/training.md)."""
 
+Executor = Literal["auto", "vmap", "general"]
+"""How a mesh of virtual replicas (``fdp.Mesh(n)``) runs them: ``"vmap"`` (one
+``torch.func.vmap``: the fast path), ``"general"`` (one thread per replica on the mesh's device:
+exact for any function that runs on one device) or ``"auto"`` (vmap, and the general executor
+where vmap cannot run the function, with a one-time :class:`fdp.FallbackWarning`)."""
+
 SplitName = Literal["chunk", "even"]
 SplitRule = SplitName | Sequence[int]
 """How a batch is split over replicas: a rule's name, or one row count per replica."""
@@ -60,6 +69,7 @@ STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
 REDUCTIONS: tuple[Reduction, ...] = get_args(Reduction)
 BUFFER_POLICIES: tuple[BufferPolicy, ...] = get_args(BufferPolicy)
 SPLIT_NAMES: tuple[SplitName, ...] = get_args(SplitName)
+EXECUTORS: tuple[Executor, ...] = get_args(Executor)
 
 
 def check_reduce_op(value: object, fn: str, name: str = "op") -> ReduceOp:
@@ -76,6 +86,10 @@ def check_strategy(value: object, fn: str) -> Strategy:
 
 def check_reduction(value: object, fn: str) -> Reduction:
     return _check.choice(value, REDUCTIONS, fn, "reduction")
+
+
+def check_executor(value: object, fn: str) -> Executor:
+    return _check.choice(value, EXECUTORS, fn, "executor")
 
 
 def check_buffer_policy(value: object, fn: str, *, optional: bool = True

@@ -24,7 +24,7 @@ from fdp._buffers import exchange_buffers
 from fdp._collectives import all_gather
 from fdp._compat import in_functorch_transform
 from fdp._layout import Layout
-from fdp.backends._base import Backend, GradPlan, MapBody, Params, PyTree
+from fdp.backends._base import Backend, GradPlan, MapBody, Params, PyTree, Replica
 from fdp.backends._comm import Communicator
 from fdp.backends._frame import AxisFrame, bind_axis
 from fdp.backends._options import Randomness
@@ -88,7 +88,8 @@ class SpmdBackend(Backend):
             dev = self.devices[r]
             args = to_device([t.select(d, local[r]) for t, d in zip(mapped, in_dims,
                                                                     strict=True)], dev)
-            return list(body(torch.tensor(r, device=dev), *args))
+            me = Replica(torch.tensor(r, device=dev), self.comm(), self.tape_collectives)
+            return list(body(me, *args))
 
         with self.policed_randomness(randomness, "pmap"):
             results = self.run_replicas(replica)

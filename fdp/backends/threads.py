@@ -228,9 +228,10 @@ class ThreadsBackend(SpmdBackend, StackedPlacement):
     tape_collectives = True
     replicas_share_generator = True
 
-    def __init__(self, devices: tuple[torch.device, ...], timeout: float) -> None:
+    def __init__(self, devices: tuple[torch.device, ...], timeout: float, *,
+                 repeats_ok: bool = False) -> None:
         cuda = [d for d in devices if d.type == "cuda"]
-        if len(set(cuda)) < len(cuda):
+        if len(set(cuda)) < len(cuda) and not repeats_ok:
             raise ValueError(
                 f"Mesh: devices lists a CUDA device more than once ({[str(d) for d in devices]});"
                 f" replicas on one GPU would share its autograd thread and wait for each other "
@@ -240,6 +241,7 @@ class ThreadsBackend(SpmdBackend, StackedPlacement):
         self.size = len(devices)
         self.devices = devices
         self.timeout = timeout
+        self.repeats_ok = repeats_ok  # a vmap mesh's general executor: all on one device
         self._comm = ThreadComm(devices, timeout)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()  # one step at a time per mesh
@@ -261,7 +263,7 @@ class ThreadsBackend(SpmdBackend, StackedPlacement):
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickles as its constructor call: the copy gets threads of its own."""
-        return (ThreadsBackend, (self.devices, self.timeout))
+        return (_rebuild, (self.devices, self.timeout, self.repeats_ok))
 
     @property
     def local_replicas(self) -> tuple[int, ...]:
@@ -373,3 +375,8 @@ def _device_guard(device: torch.device) -> Any:
     if device.type == "cuda":
         return torch.cuda.device(device)
     return contextlib.nullcontext()
+
+
+def _rebuild(devices: tuple[torch.device, ...], timeout: float, repeats_ok: bool
+             ) -> ThreadsBackend:
+    return ThreadsBackend(devices, timeout, repeats_ok=repeats_ok)

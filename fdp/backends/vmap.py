@@ -3,72 +3,146 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.func import grad_and_value, vmap
 
 from fdp import _check, _tree
 from fdp._buffers import reduce_buffers
-from fdp._compat import in_functorch_transform
-from fdp.backends._base import GradPlan, MapBody, Params, PyTree
+from fdp._compat import add_note, in_functorch_transform
+from fdp.backends._base import Backend, GradPlan, MapBody, Params, PyTree, Replica
 from fdp.backends._comm import Unreachable
+from fdp.backends._fallback import (
+    autocast_reason,
+    first_line,
+    may_fall_back,
+    vmap_limitation,
+    warn_fallback,
+)
 from fdp.backends._frame import AxisFrame, bind_axis
-from fdp.backends._options import Randomness
+from fdp.backends._options import Executor, Randomness, check_executor
 from fdp.backends._stacked import StackedPlacement
+from fdp.backends.threads import ThreadsBackend
 
 Groups = list[tuple[int, int, int]]
 GroupInputs = Callable[[int, int, int], list[torch.Tensor]]
 PerReplica = Callable[[Callable[..., Any]], Callable[..., Any]]
 Total = Callable[[Params], tuple[torch.Tensor, Any]]
+T = TypeVar("T")
 
 
 class VmapBackend(StackedPlacement):
-    """Replicated values are tensors with a leading replica axis of size N on one device."""
+    """Replicated values are tensors with a leading replica axis of size N on one device.
+
+    The replicas run in one ``torch.func.vmap`` (the fast path) or, where vmap cannot run the
+    function, on the *general executor*: a threads backend with one replica per thread on the
+    same device (see :mod:`fdp.backends._fallback` and the ``executor`` option).
+    """
 
     name = "vmap"
     shared_device = True
 
-    def __init__(self, size: int, device: torch.device) -> None:
+    def __init__(self, size: int, device: torch.device, executor: Executor = "auto",
+                 timeout: float = 300.0) -> None:
         self.size = size
         self.device = device
         self.devices = (device,) * size
+        self.executor = executor
+        self.timeout = timeout  # of the general executor's replicas
+        self._general: ThreadsBackend | None = None
 
     @classmethod
-    def create(cls, n: object, device: torch.device | str | None) -> VmapBackend:
-        """Validates ``fdp.Mesh(n, device=...)``'s arguments and builds the backend."""
+    def create(cls, n: object, device: torch.device | str | None, executor: object = "auto",
+               timeout: object = 300.0) -> VmapBackend:
+        """Validates ``fdp.Mesh(n, device=..., executor=...)``'s arguments."""
         if not _check.is_int(n):
             raise TypeError(f"Mesh: n must be an int, got {type(n).__name__}")
         if n <= 0:
             raise ValueError(f"Mesh: n must be ≥ 1 replicas, got n={n}")
-        return cls(n, _check.device(device, "Mesh", "device"))
+        return cls(n, _check.device(device, "Mesh", "device"), check_executor(executor, "Mesh"),
+                   _check.positive_number(timeout, "Mesh", "timeout", " of seconds"))
 
     @property
     def home(self) -> torch.device:
         return self.device
 
     def placement(self) -> str:
-        return f"device={str(self.device)!r}"
+        where = f"device={str(self.device)!r}"
+        return where if self.executor == "auto" else f"{where}, executor={self.executor!r}"
+
+    def subgroup(self, size: int) -> VmapBackend:
+        return VmapBackend(size, self.device, self.executor, self.timeout)
 
     def __eq__(self, other: object) -> bool:  # virtual replicas: equal when built alike
         if isinstance(other, VmapBackend):
-            return (self.size, self.device) == (other.size, other.device)
+            return (self.size, self.device, self.executor) == (other.size, other.device,
+                                                               other.executor)
         return super().__eq__(other)
 
     def __hash__(self) -> int:
-        return hash((self.name, self.size, self.device))
+        return hash((self.name, self.size, self.device, self.executor))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (VmapBackend, (self.size, self.device))
+        return (VmapBackend, (self.size, self.device, self.executor, self.timeout))
+
+    # --- the executors ----------------------------------------------------------------------
+
+    def general(self) -> ThreadsBackend:
+        """The general executor: one thread per replica on this backend's device."""
+        if self._general is None:
+            self._general = ThreadsBackend(self.devices, self.timeout, repeats_ok=True)
+        return self._general
+
+    def _run(self, what: str, fast: Callable[[], T],
+             general: Callable[[Backend], T]) -> T:
+        """``fast()`` (vmap), or ``general(executor)`` as the executor option says."""
+        if self.executor == "general":
+            return general(self.general())
+        transformed = torch.compiler.is_compiling() or in_functorch_transform()
+        reason = autocast_reason(self.device) if self.executor == "auto" else None
+        if reason is not None and not transformed:
+            warn_fallback(what, reason, self.size, self.device)
+            return general(self.general())
+        try:
+            return fast()
+        except Exception as error:
+            if self.executor == "vmap" or not may_fall_back(error):
+                raise
+            reason = vmap_limitation(error)
+            if transformed:  # threads cannot run under torch.func or torch.compile
+                add_note(error, f"{what}: torch.func.vmap cannot run "
+                                f"{reason or 'this function'}; outside torch.func transforms "
+                                f"and torch.compile, fdp.Mesh({self.size}) runs it on its "
+                                f"general executor")
+                raise
+            if reason is not None:
+                warn_fallback(what, reason, self.size, self.device)
+                return general(self.general())
+            try:  # an error vmap does not name: a limitation if one device runs it
+                result = general(self.general())
+            except Exception:
+                raise error from None
+            warn_fallback(what, f"this function ({first_line(error)})", self.size, self.device)
+            return result
 
     def map(self, body: MapBody, mapped: Sequence[torch.Tensor], in_dims: Sequence[int],
             randomness: Randomness = "error") -> list[torch.Tensor]:
-        index = torch.arange(self.size, device=self.device)
-        return list(vmap(body, in_dims=(0, *in_dims), out_dims=0,
-                         randomness=randomness)(index, *mapped))
+        def fast() -> list[torch.Tensor]:
+            index = torch.arange(self.size, device=self.device)
+            run = vmap(lambda i, *ts: body(Replica(i, None, False), *ts),
+                       in_dims=(0, *in_dims), out_dims=0, randomness=randomness)
+            return list(run(index, *mapped))
+
+        return self._run("pmap", fast,
+                         lambda general: general.map(body, mapped, in_dims, randomness))
 
     def value_and_grad(self, plan: GradPlan, params: Params,
                        batch: PyTree) -> tuple[Any, Params]:
+        return self._run("value_and_grad", lambda: self._fused(plan, params, batch),
+                         lambda general: general.value_and_grad(plan, params, batch))
+
+    def _fused(self, plan: GradPlan, params: Params, batch: PyTree) -> tuple[Any, Params]:
         """The fused formulation: gradient of the reduced, vmapped loss.
 
         Replicas with equal row counts that hold consecutive rows form one vmapped group whose
