@@ -8,10 +8,12 @@ deep inside a data-parallel step.
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree  # torch has no public pytree module yet (2.13)
+import torch.utils._pytree as _torch_pytree  # torch has no public pytree module yet (2.13)
 from torch.nn.modules.batchnorm import _BatchNorm as BatchNormBase
 from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
@@ -35,10 +37,93 @@ def add_note(error: BaseException, note: str) -> None:
         error.args = (f"{error.args[0]}\n{note}",)
 
 
-def broadcast_prefix_and_flatten(prefix: Any, treedef: pytree.TreeSpec) -> list[Any] | None:
-    """``prefix`` (a tree prefix of ``treedef``) expanded to one value per leaf, or ``None``
-    when it is not a prefix (``jax.tree_util``'s prefix broadcasting)."""
-    return pytree._broadcast_to_and_flatten(prefix, treedef)
+# --- pytrees without reference cycles -----------------------------------------------------------
+# torch's tree_flatten (and what builds on it) recurses through a nested closure, which leaves a
+# reference cycle (function <-> cell) per call: hundreds per data-parallel step, for the
+# garbage collector. These versions recurse through module-level functions instead.
+
+IsLeaf = Callable[[Any], bool] | None
+TreeSpec = _torch_pytree.TreeSpec
+
+
+def _flatten_into(node: Any, leaves: list[Any], is_leaf: IsLeaf) -> TreeSpec:
+    if _torch_pytree.tree_is_leaf(node, is_leaf=is_leaf):
+        leaves.append(node)
+        return _torch_pytree._LEAF_SPEC
+    node_type = _torch_pytree._get_node_type(node)
+    children, context = _torch_pytree.SUPPORTED_NODES[node_type].flatten_fn(node)
+    return TreeSpec(node_type, context, [_flatten_into(c, leaves, is_leaf) for c in children])
+
+
+def tree_flatten(tree: Any, is_leaf: IsLeaf = None) -> tuple[list[Any], TreeSpec]:
+    leaves: list[Any] = []
+    return leaves, _flatten_into(tree, leaves, is_leaf)
+
+
+def tree_structure(tree: Any, is_leaf: IsLeaf = None) -> TreeSpec:
+    return tree_flatten(tree, is_leaf)[1]
+
+
+def tree_flatten_with_path(tree: Any, is_leaf: IsLeaf = None
+                           ) -> tuple[list[tuple[Any, Any]], TreeSpec]:
+    pairs = list(_torch_pytree._generate_key_paths((), tree, is_leaf))
+    return pairs, tree_structure(tree, is_leaf)
+
+
+def tree_map(fn: Callable[..., Any], tree: Any, *rests: Any, is_leaf: IsLeaf = None) -> Any:
+    """``fn`` over the leaves of trees of one structure (torch's ``tree_map`` for the rest)."""
+    leaves, spec = tree_flatten(tree, is_leaf)
+    columns = [leaves]
+    for rest in rests:
+        rest_leaves, rest_spec = tree_flatten(rest, is_leaf)
+        if rest_spec != spec:  # a prefix or a mismatch: torch's rules and errors
+            return _torch_pytree.tree_map(fn, tree, *rests, is_leaf=is_leaf)
+        columns.append(rest_leaves)
+    return _torch_pytree.tree_unflatten([fn(*xs) for xs in zip(*columns, strict=True)], spec)
+
+
+class pytree:  # stands for the module it wraps
+    """``torch.utils._pytree`` as fdp uses it, with the cycle-free versions above."""
+
+    TreeSpec = _torch_pytree.TreeSpec
+    keystr = staticmethod(_torch_pytree.keystr)
+    tree_unflatten = staticmethod(_torch_pytree.tree_unflatten)
+    tree_leaves = staticmethod(_torch_pytree.tree_leaves)  # an iterator: no closure
+    tree_flatten = staticmethod(tree_flatten)
+    tree_flatten_with_path = staticmethod(tree_flatten_with_path)
+    tree_structure = staticmethod(tree_structure)
+    tree_map = staticmethod(tree_map)
+
+
+def broadcast_prefix_and_flatten(prefix: Any, tree: Any) -> list[Any] | None:
+    """``prefix`` (a tree prefix of ``tree``) expanded to one value per leaf of ``tree``, or
+    ``None`` when it is not a prefix (``jax.tree_util``'s prefix broadcasting)."""
+    out: list[Any] = []
+    return out if _broadcast_into(prefix, tree, out) else None
+
+
+def _broadcast_into(prefix: Any, node: Any, out: list[Any]) -> bool:
+    if _torch_pytree.tree_is_leaf(prefix):
+        out.extend([prefix] * len(tree_flatten(node)[0]))
+        return True
+    if _torch_pytree.tree_is_leaf(node):
+        return False
+    if isinstance(prefix, dict) and isinstance(node, dict):  # any dict type, matched by key
+        theirs, keys = _torch_pytree.SUPPORTED_NODES[_torch_pytree._get_node_type(node)
+                                                     ].flatten_fn(node)
+        if set(prefix) != set(node):
+            return False
+        keys = keys[1] if isinstance(node, defaultdict) else keys
+        return all(_broadcast_into(prefix[k], n, out)
+                   for k, n in zip(keys, theirs, strict=True))
+    kind = _torch_pytree._get_node_type(prefix)
+    if kind != _torch_pytree._get_node_type(node):
+        return False
+    flatten = _torch_pytree.SUPPORTED_NODES[kind].flatten_fn
+    (mine, my_context), (theirs, their_context) = flatten(prefix), flatten(node)
+    if len(mine) != len(theirs) or my_context != their_context:
+        return False
+    return all(_broadcast_into(p, n, out) for p, n in zip(mine, theirs, strict=True))
 
 
 def in_functorch_transform() -> bool:

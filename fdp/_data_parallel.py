@@ -1,14 +1,12 @@
 """``fdp.DataParallel``: ``nn.DataParallel``'s interface, built on fdp's pure primitives.
 
-A forward is ``replicate`` (parameters and buffers) → ``scatter`` (every tensor argument) →
-``pmap`` of ``functionalize(module).apply`` → ``gather`` (the outputs), and then the kept
-buffers are written back into the wrapped module. The parameters that enter the pmap are the
-module's own, so ``loss.backward()`` fills their ``.grad`` and ``torch.optim`` works unchanged.
-
-On the vmap backend the parameters are shared by the vmapped replicas (``in_axes=None``)
-rather than expanded: batched weights would make every matmul a batched one, about 4x slower
-for an MLP 784-512-512-10 at B=256 over 8 replicas, for the same numbers. On the threads
-backend :func:`fdp.replicate` gives every replica its device's copy.
+A forward is ``replicate`` (buffers) → ``scatter`` (every tensor argument) → ``pmap`` of
+``functionalize(module).apply`` → ``gather`` (each output along its own batch dim), and then the
+kept buffers are written back into the wrapped module. The parameters that enter the pmap are
+the module's own, shared by the replicas (``in_axes=None``; each replica moves them to its
+device), so ``loss.backward()`` fills their ``.grad`` (sparse ones too) and ``torch.optim``
+works unchanged. A backend whose autograd that composition cannot express runs the forward
+itself (:meth:`fdp.backends.Backend.run_module`: the distributed backend).
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ from fdp._data_parallel_checks import (
     _default_mesh,
     _module_device,
 )
-from fdp._functionalize import Model, functionalize
+from fdp._functionalize import Model, check_initialized, functionalize
 from fdp._layout import Layout, Sharded, split_sizes
 from fdp._mesh import Mesh
 from fdp._pmap import pmap
@@ -41,7 +39,7 @@ from fdp._primitives import gather, replicate, scatter
 from fdp.backends._base import ModuleCall, ModuleResult
 from fdp.backends._comm import Unreachable
 from fdp.backends._frame import bind_axis, lookup
-from fdp.backends._module import check_rows, narrow, replica_forward
+from fdp.backends._module import batch_dims, narrow, replica_forward
 from fdp.backends._options import BufferPolicy, Randomness, SplitRule
 from fdp.nn import SyncBatchNorm
 
@@ -137,9 +135,14 @@ class DataParallel(nn.Module):
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         """Runs the module data-parallel on ``inputs``/``kwargs``; see the class docstring."""
+        if not _has_tensor((inputs, kwargs)):  # nothing to split: the module itself runs it,
+            return self._to_output_device(self.module(*inputs, **kwargs))  # as nn.DataParallel
+        check_initialized(self.module, _FN)
         mesh = self.mesh
         params: Tensors = dict(self.module.named_parameters())
-        buffers = {k: v.detach() for k, v in self.module.named_buffers()}
+        # buffers that require grad keep their autograd link, as nn.DataParallel's broadcast
+        buffers = {k: v if v.requires_grad else v.detach()
+                   for k, v in self.module.named_buffers()}
         _check_devices({**params, **buffers}, mesh)
         layout = Layout(split_sizes(_batch_size((inputs, kwargs), self.dim), mesh.size,
                                     self.split, _FN), self.dim)
@@ -150,9 +153,13 @@ class DataParallel(nn.Module):
         if result is None:
             result = self._compose(mesh, call)
         self._store(result.buffers)
+        return self._to_output_device(result.output)
+
+    def _to_output_device(self, out: Any) -> Any:
         if self.output_device is None:
-            return result.output
-        return _tree.map_tensors(lambda x: x.to(self.output_device), result.output)
+            return out
+        device = self.output_device
+        return _tree.map_tensors(lambda x: x.to(device), out)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickles without the caches: the functional model is rebuilt on the next call."""
@@ -204,23 +211,23 @@ class DataParallel(nn.Module):
         layout = call.layout
         sharded = scatter((call.inputs, call.kwargs), mesh, self.dim, list(layout.sizes))
         counts = sharded.counts if trim else None
-        shared = mesh.backend.shared_device  # one device: parameters broadcast, not copied
-        mapped = pmap(replica_forward(call.apply, self.dim, layout.max_size), mesh,
-                      in_axes=(None if shared else 0, 0, None if counts is None else 0, 0),
+        # parameters are shared (each replica moves them to its device), not replicated: a
+        # batched weight would make every matmul a batched one (about 4x slower for an MLP on
+        # the vmap backend), and sparse gradients cannot flow back through a replica select
+        mapped = pmap(replica_forward(call.apply, self.dim, layout.max_size, mesh.axis_name), mesh,
+                      in_axes=(None, 0, None if counts is None else 0, 0),
                       randomness=call.randomness)
-        res = mapped(call.params if shared else replicate(call.params, mesh),
-                     replicate(call.buffers, mesh), counts, sharded)
-        out, new_buffers = res.data
-        _check_outputs(out, layout.max_size, self.dim)
+        res = mapped(call.params, replicate(call.buffers, mesh), counts, sharded)
+        out, new_buffers, dims = res.data
         keep = [i for i, s in enumerate(layout.sizes) if s > 0]
-        return (gather(Sharded(out, layout), mesh),
+        return (_gather_outputs(out, dims, layout, mesh),
                 {k: v[keep] if len(keep) < mesh.size else v for k, v in new_buffers.items()})
 
     def _run_groups(self, mesh: Mesh, call: ModuleCall) -> tuple[Any, Tensors]:
         """Replicas that cannot run ragged shards: one pmap per run of replicas with equal
         row counts."""
         layout = call.layout
-        outs, stacked = [], []
+        runs, stacked = [], []
         for first_row, k, rows in layout.groups():
             key = ("group", k, mesh)
             if key not in self._meshes:  # kept: a mesh's general executor owns threads
@@ -229,18 +236,21 @@ class DataParallel(nn.Module):
             first = next(i for i, (off, s) in enumerate(zip(layout.offsets, layout.sizes,
                                                             strict=True))
                          if off == first_row and s > 0)
-            fn = _no_collectives(replica_forward(call.apply, self.dim, rows), mesh, first,
-                                 layout)
+            fn = _no_collectives(replica_forward(call.apply, self.dim, rows, mesh.axis_name),
+                                 mesh, first, layout)
             part = scatter(narrow((call.inputs, call.kwargs), self.dim, first_row, k * rows),
                            group, self.dim)
             res = pmap(fn, group, in_axes=(None, 0, None, 0), randomness=call.randomness)(
                 call.params, replicate(call.buffers, group), None, part)
-            out, new_buffers = res.data
-            _check_outputs(out, rows, self.dim)
-            outs.append(gather(Sharded(out, res.layout), group))
+            out, new_buffers, _ = res.data
+            runs.append((out, rows, res.layout, group))
             stacked.append(new_buffers)
-        return _tree.cat(outs, self.dim), {k: torch.cat([s[k] for s in stacked])
-                                         for k in call.buffers}
+        # groups of different sizes tell each output's batch dim where one alone cannot
+        dims = _common_dims([_output_dims(out, rows, self.dim)
+                             for out, rows, _, _ in runs], self.dim)
+        outs = [_gather_outputs(out, dims, lay, group) for out, _, lay, group in runs]
+        return (_cat_outputs(outs, dims),
+                {k: torch.cat([s[k] for s in stacked]) for k in call.buffers})
 
     def _store(self, kept: Tensors) -> None:
         live = dict(self.module.named_buffers())
@@ -264,10 +274,55 @@ def _sync_layers(module: nn.Module, policy: BufferPolicy) -> bool:
     return any(isinstance(m, SyncBatchNorm) for m in module.modules())
 
 
-def _check_outputs(out: Any, rows: int, dim: int) -> None:
-    for path, x in _tree.leaves_with_path(out, "out"):
-        if isinstance(x, torch.Tensor):
-            check_rows(path, tuple(x.shape[1:]), rows, dim)
+def _has_tensor(call: tuple[tuple[Any, ...], dict[str, Any]]) -> bool:
+    """Whether the call has a tensor to split (array-likes get an error that says convert)."""
+    inputs, kwargs = call
+    leaves = _tree.flatten(call)[0]
+    for path, leaf in [*_tree.leaves_with_path(inputs, "inputs"),
+                       *_tree.leaves_with_path(kwargs, "kwargs")]:
+        if hasattr(leaf, "__array__") and not isinstance(leaf, torch.Tensor):
+            raise TypeError(f"{_FN}: {path} is a {type(leaf).__name__}, not a torch.Tensor; "
+                            f"convert it with torch.as_tensor to split it")
+    return any(isinstance(x, torch.Tensor) for x in leaves)
+
+
+def _output_dims(out: Any, rows: int, dim: int) -> list[list[int] | None]:
+    """Per output leaf, the dims that could be its batch dim (``None``: not a tensor)."""
+    return [batch_dims(path, tuple(x.shape[1:]), rows, dim) if isinstance(x, torch.Tensor)
+            else None for path, x in _tree.leaves_with_path(out, "out")]
+
+
+def _common_dims(candidates: list[list[Any]], dim: int) -> list[int | None]:
+    """Per leaf, the batch dim every group agrees on (``dim`` first when several remain)."""
+    out: list[int | None] = []
+    for leaf, per_group in enumerate(zip(*candidates, strict=True)):
+        if per_group[0] is None:
+            out.append(None)
+            continue
+        agreed = [d for d in per_group[0] if all(d in c for c in per_group[1:])]
+        if not agreed:
+            raise ValueError(f"{_FN}: output leaf {leaf} of the module has no dim that holds "
+                             f"every replica's rows (dim={dim}); outputs are gathered along "
+                             f"their batch dim")
+        out.append(agreed[0])
+    return out
+
+
+def _gather_outputs(out: Any, dims: list[int | None], layout: Layout, mesh: Mesh) -> Any:
+    """Every output leaf gathered along its own batch dim, padding dropped."""
+    leaves, treedef = _tree.flatten(out)
+    return _tree.unflatten([x if d is None else gather(Sharded(x, layout), mesh, dim=d)
+                            for x, d in zip(leaves, dims, strict=True)], treedef)
+
+
+def _cat_outputs(parts: list[Any], dims: list[int | None]) -> Any:
+    """The groups' gathered outputs concatenated leaf by leaf along each leaf's batch dim."""
+    if len(parts) == 1:
+        return parts[0]
+    flats = [_tree.flatten(p)[0] for p in parts]
+    leaves = [col[0] if d is None else torch.cat(col, d)
+              for col, d in zip(zip(*flats, strict=True), dims, strict=True)]
+    return _tree.unflatten(leaves, _tree.flatten(parts[0])[1])
 
 
 def _no_collectives(fn: Callable[..., Any], mesh: Mesh, first: int,

@@ -13,6 +13,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fdp import _check
+from fdp._compat import UninitializedTensorMixin
 from fdp._tree import Params
 
 __all__ = ["Model", "functionalize"]
@@ -51,6 +52,7 @@ def functionalize(module: nn.Module) -> Model:
     if not isinstance(module, nn.Module):
         raise TypeError(f"functionalize: module must be a torch.nn.Module, got "
                         f"{type(module).__name__}")
+    check_initialized(module, "functionalize")
     params = {k: v.detach() for k, v in module.named_parameters()}
     buffers = {k: v.detach() for k, v in module.named_buffers()}
     param_shapes = {k: v.shape for k, v in params.items()}
@@ -76,25 +78,46 @@ def functionalize(module: nn.Module) -> Model:
     return Model(apply, params, buffers)
 
 
+def uninitialized(module: nn.Module) -> list[str]:
+    """Names of the lazy parameters and buffers (``nn.LazyLinear``, ...) not yet initialized."""
+    return [name for name, t in [*module.named_parameters(), *module.named_buffers()]
+            if isinstance(t, UninitializedTensorMixin)]
+
+
+def check_initialized(module: nn.Module, fn: str) -> None:
+    """A clear error for lazy modules whose shapes are not known yet."""
+    lazy = uninitialized(module)
+    if lazy:
+        raise ValueError(
+            f"{fn}: the module's lazy parameters {lazy[:3]}{' ...' if len(lazy) > 3 else ''} "
+            f"are not initialized yet, so their shapes are unknown. Run the module once on one "
+            f"device first (module(example_batch), e.g. on a few rows) to initialize them, then "
+            f"hand it to fdp"
+        )
+
+
 class _Instances:
     """Copies of the module's structure (sharing its tensors), one per concurrent ``apply``.
 
-    ``apply`` swaps tensors into module attributes for the duration of a call, so two threads
-    (the threads backend runs one replica per thread) must not use the same module object.
+    ``apply`` swaps tensors into module attributes for the duration of a call, so it never uses
+    the caller's module itself (another thread may be using it, and must never see other
+    tensors in it) and two threads (the threads backend runs one replica per thread) never use
+    the same copy. Copies are marked as replicas, as ``nn.DataParallel``'s are, so that a
+    ``zero_grad()`` inside the forward warns instead of clearing the real gradients.
     """
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self.free = [(module, _slots(module))]
+        self.free: list[tuple[nn.Module, list[_Slot]]] = []
         self.lock = threading.Lock()
 
     @contextmanager
-    def borrow(self) -> Iterator[tuple[nn.Module, list]]:
+    def borrow(self) -> Iterator[tuple[nn.Module, list[_Slot]]]:
         with self.lock:
             instance = self.free.pop() if self.free else None
         if instance is None:
             instance = self._copy()
-        if instance[0] is not self.module:
+        else:
             _sync_attributes(self.module, instance[0])
         try:
             yield instance
@@ -102,11 +125,13 @@ class _Instances:
             with self.lock:
                 self.free.append(instance)
 
-    def _copy(self) -> tuple[nn.Module, list]:
+    def _copy(self) -> tuple[nn.Module, list[_Slot]]:
         tensors = [*self.module.named_parameters(remove_duplicate=False),
                    *self.module.named_buffers(remove_duplicate=False)]
         shared = {id(t): t for _, t in tensors}
         clone = copy.deepcopy(self.module, memo=dict(shared))
+        for sub in clone.modules():
+            sub.__dict__["_is_replica"] = True  # zero_grad() warns, as nn.DataParallel replicas
         return clone, _slots(clone)
 
 

@@ -251,23 +251,26 @@ def _align_prefix(prefix: Axes, tree: Any, what: str, of: str = "arguments") -> 
     position, so ``{"b": None, "a": 0}`` would silently apply to ``{"a": ..., "b": ...}``
     the wrong way round. Matching by key here keeps the JAX meaning.
     """
+    return _align(prefix, tree, what, (prefix, what, of))
 
-    def align(p: Axes, t: Any, path: str) -> Axes:
-        if isinstance(p, dict) and isinstance(t, dict):
-            if p.keys() != t.keys():
-                raise ValueError(
-                    f"pmap: {what}={prefix!r} does not match the structure of the {of}: "
-                    f"{path} has keys {list(p)} but the value there has keys {list(t)}; give "
-                    f"one entry per key, or one int/None for the whole dict"
-                )
-            items = [(k, align(p[k], t[k], f"{path}[{k!r}]")) for k in t]
-            return OrderedDict(items) if isinstance(p, OrderedDict) else dict(items)
-        if isinstance(p, (tuple, list)) and isinstance(t, (tuple, list)) and len(p) == len(t):
-            items = [align(a, b, f"{path}[{i}]") for i, (a, b) in enumerate(zip(p, t, strict=True))]
-            return type(p)(*items) if hasattr(p, "_fields") else type(p)(items)
-        return p
 
-    return align(prefix, tree, what)
+def _align(p: Axes, t: Any, path: str, whole: tuple[Axes, str, str]) -> Axes:
+    # a module-level recursion: a nested closure would leave a reference cycle per call
+    if isinstance(p, dict) and isinstance(t, dict):
+        if p.keys() != t.keys():
+            prefix, what, of = whole
+            raise ValueError(
+                f"pmap: {what}={prefix!r} does not match the structure of the {of}: "
+                f"{path} has keys {list(p)} but the value there has keys {list(t)}; give "
+                f"one entry per key, or one int/None for the whole dict"
+            )
+        items = [(k, _align(p[k], t[k], f"{path}[{k!r}]", whole)) for k in t]
+        return OrderedDict(items) if isinstance(p, OrderedDict) else dict(items)
+    if isinstance(p, (tuple, list)) and isinstance(t, (tuple, list)) and len(p) == len(t):
+        aligned = [_align(a, b, f"{path}[{i}]", whole)
+                   for i, (a, b) in enumerate(zip(p, t, strict=True))]
+        return type(p)(*aligned) if hasattr(p, "_fields") else type(p)(aligned)
+    return p
 
 
 def _check_mapped_inputs(flat: list, axes: list, paths: list, mesh: Mesh) -> None:

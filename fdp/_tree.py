@@ -94,9 +94,9 @@ def broadcast_prefix(
     Raises:
         ValueError: if ``prefix`` is not a prefix of ``tree``'s structure.
     """
-    treedef = pytree.tree_structure(tree)
-    flat = broadcast_prefix_and_flatten(prefix, treedef)
+    flat = broadcast_prefix_and_flatten(prefix, tree)
     if flat is None:
+        treedef = pytree.tree_structure(tree)
         raise ValueError(
             f"{what}={prefix!r} does not match the structure of the {of} {treedef}; "
             f"give a tree prefix of the {of}, e.g. one value per entry: {what}=(0, None)"

@@ -141,8 +141,7 @@ def test_the_dispatch_finder_finds_dispatch(tmp_path):
 def test_every_backend_implements_the_contract(backend):
     assert issubclass(backend, Backend) and not backend.__abstractmethods__
     assert backend.name in BACKEND_NAMES
-    for capability in ("ragged", "shared_device", "tape_collectives",
-                       "replicas_share_generator"):
+    for capability in ("ragged", "tape_collectives", "replicas_share_generator"):
         assert isinstance(getattr(backend, capability), bool)
 
 

@@ -10,9 +10,44 @@ from fdp import _compat
 
 
 def test_prefix_broadcasting():
-    treedef = _compat.pytree.tree_structure(({"a": 1, "b": 2}, 3))
-    assert _compat.broadcast_prefix_and_flatten((0, None), treedef) == [0, 0, None]
-    assert _compat.broadcast_prefix_and_flatten((0, None, 1), treedef) is None
+    tree = ({"a": 1, "b": 2}, 3)
+    assert _compat.broadcast_prefix_and_flatten((0, None), tree) == [0, 0, None]
+    assert _compat.broadcast_prefix_and_flatten(({"a": 1, "b": 0}, 2), tree) == [1, 0, 2]
+    assert _compat.broadcast_prefix_and_flatten((0, None, 1), tree) is None
+    assert _compat.broadcast_prefix_and_flatten(({"a": 1}, 2), tree) is None
+
+
+def test_cycle_free_pytrees_equal_torchs():
+    import torch.utils._pytree as torch_pytree
+
+    tree = {"a": [torch.ones(1), (2, None)], "b": {"c": 5.0}}
+    leaves, spec = _compat.tree_flatten(tree)
+    assert (leaves, spec) == torch_pytree.tree_flatten(tree)
+    assert _compat.tree_flatten_with_path(tree) == torch_pytree.tree_flatten_with_path(tree)
+    assert _compat.tree_structure(tree) == spec
+    doubled = _compat.tree_map(lambda x, y: None if x is None else x + y, tree, tree)
+    assert _compat.tree_flatten(doubled)[0] == [None if x is None else x + x for x in leaves]
+    assert _pytree_garbage(lambda: torch_pytree.tree_flatten(tree))  # the check can fail
+    assert not _pytree_garbage(lambda: (_compat.tree_flatten(tree),
+                                        _compat.tree_map(lambda x: x, tree),
+                                        _compat.broadcast_prefix_and_flatten(0, tree)))
+
+
+def _pytree_garbage(walk):
+    """The functions of pytree walks that ``walk`` left in reference cycles."""
+    import gc
+
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(5):
+            walk()
+        gc.collect()
+        return [o for o in gc.garbage if callable(o) and getattr(o, "__module__", None)
+                in ("torch.utils._pytree", "fdp._compat")]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
 
 
 def test_functorch_transform_detection():

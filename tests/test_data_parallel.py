@@ -19,6 +19,9 @@ F64 = torch.float64
 _THREADS: dict[int, fdp.Mesh] = {}  # one threads mesh per size: its worker threads persist
 
 
+BACKENDS = ["vmap", "threads"]
+
+
 def _mesh(backend: str, n: int) -> fdp.Mesh:
     if backend == "vmap":
         return fdp.Mesh(n)
@@ -312,8 +315,10 @@ def test_option_errors():
 
 def test_call_errors():
     dp = DataParallel(nn.Linear(3, 2), fdp.Mesh(2))
-    with pytest.raises(TypeError, match="no tensor argument"):
+    with pytest.raises(TypeError, match="must be Tensor"):  # no tensor: the module runs it
         dp(3.0)
+    with pytest.raises(TypeError, match=r"inputs\[0\] is a ndarray.*torch\.as_tensor"):
+        dp(torch.ones(2, 3).numpy())
     with pytest.raises(ValueError, match=r"inputs\[0\] has 4 rows but kwargs\['mask'\] has 3"):
         DataParallel(_Masked(), fdp.Mesh(2))(torch.randn(4, 3), mask=torch.ones(3))
     with pytest.raises(TypeError, match=r"not a torch\.Tensor; convert it"):
@@ -367,3 +372,130 @@ def test_pickles_with_a_vmap_mesh(tmp_path):
     torch.save(dp, tmp_path / "dp.pt")
     loaded = torch.load(tmp_path / "dp.pt", weights_only=False)
     assert_close(loaded(x), dp(x), F64_REL)
+
+
+# --- the nn.DataParallel contract: the corners ------------------------------------------------
+
+def _lstm(layers: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.LSTM(3, 4, num_layers=layers, batch_first=True).double()
+
+
+@pytest.mark.filterwarnings("ignore::fdp.FallbackWarning")
+@pytest.mark.parametrize(("backend", "layers", "rows"), [
+    ("vmap", 3, 5), ("vmap", 3, 6), ("threads", 3, 5), ("threads", 3, 6),
+    ("vmap", 2, 5),  # shards of 2, 2, 1 rows: the groups tell h_n's batch dim from its layers
+])
+def test_rnn_outputs_are_gathered_along_their_own_batch_dim(backend, layers, rows):
+    lstm = _lstm(layers)
+    x = torch.randn(rows, 7, 3, dtype=torch.float64)
+    out, (h, c) = DataParallel(lstm, _mesh(backend, 3))(x)
+    ref_out, (ref_h, ref_c) = lstm(x)
+    assert h.shape == ref_h.shape == (layers, rows, 4)  # the batch at dim 1
+    for a, b in ((out, ref_out), (h, ref_h), (c, ref_c)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    (out.sum() + h.square().sum()).backward()
+    grads = {k: p.grad.clone() for k, p in lstm.named_parameters()}
+    lstm.zero_grad()
+    (ref_out.sum() + ref_h.square().sum()).backward()
+    for k, p in lstm.named_parameters():
+        torch.testing.assert_close(grads[k], p.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_module_without_tensor_arguments_runs_as_itself(backend):
+    class Constant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+        def forward(self, scale=2.0):
+            return self.w * scale
+
+    module = Constant()
+    out = DataParallel(module, _mesh(backend, 2))()
+    assert torch.equal(out, 2 * torch.ones(3))
+    out.sum().backward()
+    assert torch.equal(module.w.grad, 2 * torch.ones(3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_buffers_that_require_grad_get_their_gradient(backend):
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("scale", torch.full((3,), 2.0, dtype=torch.float64,
+                                                     requires_grad=True))
+
+        def forward(self, x):
+            return x * self.scale
+
+    module = Scaled()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    out = DataParallel(module, _mesh(backend, 2))(x)
+    assert out.requires_grad
+    out.sum().backward()
+    torch.testing.assert_close(module.scale.grad, x.sum(0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_gradients(backend):
+    emb = nn.Embedding(10, 3, sparse=True).double()
+    ids = torch.tensor([1, 2, 2, 7, 9])
+    DataParallel(emb, _mesh(backend, 2))(ids).square().sum().backward()
+    got = emb.weight.grad
+    emb.weight.grad = None
+    emb(ids).square().sum().backward()
+    assert got.is_sparse
+    torch.testing.assert_close(got.to_dense(), emb.weight.grad.to_dense())
+
+
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_grad_inside_the_forward_warns_and_keeps_the_gradients(backend):
+    class Clearing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            self.zero_grad()
+            return self.fc(x)
+
+    module = Clearing()
+    module.fc.weight.grad = torch.ones(2, 3)
+    with pytest.warns(UserWarning, match=r"zero_grad\(\) from a module created with"):
+        DataParallel(module, _mesh(backend, 2))(torch.randn(4, 3))
+    assert torch.equal(module.fc.weight.grad, torch.ones(2, 3))
+
+
+def test_lazy_modules_get_a_clear_error():
+    with pytest.raises(ValueError, match=r"lazy parameters \['weight', 'bias'\].*module\("):
+        DataParallel(nn.LazyLinear(2), fdp.Mesh(2))(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="lazy parameters"):
+        fdp.functionalize(nn.LazyLinear(2))
+
+
+def test_a_forward_leaves_no_reference_cycles_of_fdps():
+    """nn.DataParallel leaves none. Neither do fdp's functions, nor, on a threads mesh, the
+    pytree walks; on the vmap backend torch.func's own pytree walks leave some (torch's code,
+    outside fdp's reach)."""
+    import gc
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    for mesh in (fdp.Mesh(devices=["cpu"] * 2), fdp.Mesh(2)):
+        dp = DataParallel(net, mesh)
+        dp(torch.randn(5, 3))
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            dp(torch.randn(5, 3))
+            gc.collect()
+            functions = [(o.__module__, o.__qualname__) for o in gc.garbage
+                         if type(o).__name__ == "function"]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        assert not [f for f in functions if f[0].startswith("fdp")], functions[:5]
+        if mesh.backend_name == "threads":
+            assert not [f for f in functions if f[0] == "torch.utils._pytree"], functions[:5]

@@ -2,7 +2,7 @@
 
 fdp's public functions validate their arguments and then call a :class:`Backend` through
 ``mesh.backend``; they never ask which backend it is. What differs between backends is either
-a method here or a capability attribute (``ragged``, ``shared_device``, ``tape_collectives``,
+a method here or a capability attribute (``ragged``, ``tape_collectives``,
 ``replicas_share_generator``). The types a backend receives live beside this module and are
 re-exported from it, so this file is the whole contract:
 
@@ -99,15 +99,15 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Replica:
-    """What one replica of a :meth:`Backend.map` is told about itself; ``fdp.pmap`` makes its
-    :class:`AxisFrame` from it.
+    """What one replica of a :meth:`fdp.backends.Backend.map` is told about itself;
+    ``fdp.pmap`` makes its :class:`AxisFrame` from it.
 
     Attributes:
         index: the replica's index (an int64 scalar tensor; on the vmap backend, batched at the
             map's vmap level).
         comm: how it exchanges values with the others (``None``: vmap rules).
         tape: its collectives build one autograd graph across the replicas
-            (:attr:`Backend.tape_collectives`).
+            (:attr:`fdp.backends.Backend.tape_collectives`).
     """
 
     index: torch.Tensor
@@ -117,7 +117,7 @@ class Replica:
 
 MapBody = Callable[..., Sequence[torch.Tensor]]
 """``body(replica, *per_replica_tensors) -> tensors``: one replica's part of a
-:meth:`Backend.map` (``replica`` is a :class:`Replica`)."""
+:meth:`Backend.map` (``replica`` is a :class:`fdp.backends.Replica`)."""
 
 
 class Backend(ABC):
@@ -141,8 +141,6 @@ class Backend(ABC):
         devices: the device of each replica.
         ragged: replicas can run different numbers of rows in one :meth:`map` (each replica
             is its own thread or process); on the vmap backend they cannot (one vmap).
-        shared_device: every replica runs on one device, so a value every replica reads can be
-            shared instead of copied.
         tape_collectives: collectives inside a :meth:`map` under tape autograd build one
             autograd graph across the replicas, so that ``.backward()`` after a pmap works
             (the threads backend's replicas run in one process).
@@ -152,7 +150,6 @@ class Backend(ABC):
 
     name: ClassVar[str]
     ragged: ClassVar[bool] = False
-    shared_device: ClassVar[bool] = False
     tape_collectives: ClassVar[bool] = False
     replicas_share_generator: ClassVar[bool] = False
 
@@ -213,8 +210,8 @@ class Backend(ABC):
         """Runs ``body(replica, *per_replica_tensors)`` on every replica.
 
         ``mapped[i]`` holds the replicas along ``in_dims[i]``; ``replica`` is a
-        :class:`Replica` (the caller binds it into an :class:`AxisFrame`). Outputs come back
-        as replicated values, the replica axis first.
+        :class:`fdp.backends.Replica` (the caller binds it into an :class:`AxisFrame`).
+        Outputs come back as replicated values, the replica axis first.
         """
 
     @abstractmethod

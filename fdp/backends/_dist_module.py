@@ -19,7 +19,7 @@ from fdp import _tree
 from fdp._buffers import exchange_buffers
 from fdp.backends._comm import Communicator
 from fdp.backends._frame import AxisFrame, bind_axis
-from fdp.backends._module import ModuleCall, ModuleResult, check_rows, replica_forward
+from fdp.backends._module import ModuleCall, ModuleResult, replica_forward
 
 __all__ = ["run_module"]
 
@@ -70,15 +70,19 @@ def run_module(comm: Communicator, device: torch.device, call: ModuleCall) -> Mo
     buffers the policy keeps (the same on every rank)."""
     layout, dim = call.layout, call.dim
     rank, m = comm.index(), layout.max_size
-    # Parameters and differentiable inputs get their gradients summed over the ranks: each
-    # rank's backward only reaches its own rows' contributions.
+    # Parameters, buffers that require grad and differentiable inputs get their gradients
+    # summed over the ranks: each rank's backward only reaches its own rows' contributions.
     leaves, treedef = _tree.flatten((call.inputs, call.kwargs))
     summed = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.requires_grad]
     params = call.params
-    routed = list(_SumGradsOverRanks.apply(comm, *params.values(), *(leaves[i] for i in summed))) \
-        if params or summed else []
+    tracked = [k for k, v in call.buffers.items() if v.requires_grad]
+    routed = list(_SumGradsOverRanks.apply(
+        comm, *params.values(), *(call.buffers[k] for k in tracked),
+        *(leaves[i] for i in summed))) if params or summed or tracked else []
     used = dict(zip(params, routed[:len(params)], strict=True))
-    for i, x in zip(summed, routed[len(params):], strict=True):
+    buffers = {**call.buffers, **dict(zip(tracked, routed[len(params):len(params) + len(tracked)],
+                                          strict=True))}
+    for i, x in zip(summed, routed[len(params) + len(tracked):], strict=True):
         leaves[i] = x
     rows = layout.padded_index()[rank * m:(rank + 1) * m]
     local = _tree.unflatten([x.index_select(dim, rows.to(x.device))
@@ -89,21 +93,22 @@ def run_module(comm: Communicator, device: torch.device, call: ModuleCall) -> Mo
                       offset=torch.tensor(layout.offsets[rank], device=device))
     count = None if call.synced else torch.tensor(layout.sizes[rank])  # trim to the real rows
     with bind_axis(frame):
-        out, new_buffers = replica_forward(call.apply, dim, m)(used, dict(call.buffers), count,
-                                                                local)
-    for path, x in _tree.leaves_with_path(out, "out"):  # every rank, before any collective
-        if isinstance(x, torch.Tensor):
-            check_rows(path, tuple(x.shape), m, dim)
+        out, new_buffers, leaf_dims = replica_forward(call.apply, dim, m, call.axis_name)(
+            used, buffers, count, local)
+    dims = dict(zip((path for path, _ in _tree.leaves_with_path(out, "out")), leaf_dims,
+                    strict=True))
     anchor = routed[0] if routed else torch.zeros(())
     real = layout.real_index(device)
 
-    def gather(_: str, x: Any) -> Any:
+    def gather(path: str, x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
             return x
-        every = _GatherRows.apply(x, anchor, comm)  # [N, ..., m at dim + 1, ...]
-        d = dim % x.dim()
+        every = _GatherRows.apply(x, anchor, comm)  # [N, ..., m at its batch dim + 1, ...]
+        d = dims[path]
+        assert d is not None  # a tensor leaf
         return every.movedim(0, d).flatten(d, d + 1).index_select(d, real.to(x.device))
 
     out = _tree.map_with_path(gather, out, root="out")
-    kept = exchange_buffers(comm, new_buffers, layout.sizes, call.buffer_policy, "DataParallel")
+    kept = exchange_buffers(comm, {k: v.detach() for k, v in new_buffers.items()}, layout.sizes,
+                            call.buffer_policy, "DataParallel")
     return ModuleResult(out, kept)

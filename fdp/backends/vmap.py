@@ -37,11 +37,10 @@ class VmapBackend(StackedPlacement):
 
     The replicas run in one ``torch.func.vmap`` (the fast path) or, where vmap cannot run the
     function, on the *general executor*: a threads backend with one replica per thread on the
-    same device (see :mod:`fdp.backends._fallback` and the ``executor`` option).
+    same device (see :class:`fdp.FallbackWarning` and :class:`fdp.Mesh`'s ``executor``).
     """
 
     name = "vmap"
-    shared_device = True
 
     def __init__(self, size: int, device: torch.device, executor: Executor = "auto",
                  timeout: float = 300.0) -> None:

@@ -8,7 +8,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fdp._compat import BatchNormBase, UninitializedTensorMixin
+from fdp._compat import BatchNormBase
+from fdp._functionalize import uninitialized
 from fdp.nn._sync_batch_norm import sync_batch_norm
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
@@ -128,17 +129,12 @@ def convert_sync_batchnorm(module: nn.Module, axis_name: str = "dp") -> nn.Modul
         raise TypeError(f"convert_sync_batchnorm: axis_name must be a non-empty str, got "
                         f"{axis_name!r}")
     for name, sub in module.named_modules(prefix="module"):
-        if isinstance(sub, BatchNormBase) and _uninitialized(sub):
+        if isinstance(sub, BatchNormBase) and uninitialized(sub):
             raise ValueError(
                 f"convert_sync_batchnorm: {name} is a {type(sub).__name__} whose parameters "
                 f"are not initialized yet; run one forward pass before converting"
             )
     return _convert(copy.deepcopy(module), axis_name)
-
-
-def _uninitialized(module: nn.Module) -> bool:
-    return any(isinstance(t, UninitializedTensorMixin)
-               for t in [*module.parameters(), *module.buffers()])
 
 
 def replace_layers(module: nn.Module, swap: Callable[[nn.Module], nn.Module | None]

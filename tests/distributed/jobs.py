@@ -299,3 +299,45 @@ class _ScalarOut(nn.Module):
 
 def dist_data_parallel_edges() -> dict:
     return data_parallel_edges_on(mesh_here())
+
+
+def data_parallel_contract_on(mesh: fdp.Mesh) -> dict:
+    """nn.DataParallel's corners: an LSTM's (out, (h_n, c_n)) with the batch at dim 1 of h_n,
+    a buffer that requires grad, sparse gradients, a call without tensors."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 4, num_layers=3, batch_first=True).double()
+    x = torch.randn(7, 5, 3, dtype=torch.float64)
+    out, (h, c) = fdp.DataParallel(lstm, mesh)(x)
+    (out.sum() + h.square().sum() + c.sum()).backward()
+    emb = nn.Embedding(10, 3, sparse=True).double()
+    fdp.DataParallel(emb, mesh)(torch.tensor([1, 2, 2, 7, 9])).square().sum().backward()
+    scaled = _Scaled()
+    fdp.DataParallel(scaled, mesh)(x[:, 0]).sum().backward()
+    const = fdp.DataParallel(_Constant(), mesh)()
+    return {"out": out.detach(), "h": h.detach(), "c": c.detach(),
+            **{f"grad.{k}": p.grad for k, p in lstm.named_parameters()},
+            "sparse": emb.weight.grad.to_dense(), "buffer_grad": scaled.scale.grad,
+            "constant": const.detach()}
+
+
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.full((3,), 2.0, dtype=torch.float64,
+                                                 requires_grad=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+class _Constant(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self) -> torch.Tensor:
+        return self.w * 2
+
+
+def dist_data_parallel_contract() -> dict:
+    return data_parallel_contract_on(mesh_here())

@@ -25,3 +25,10 @@ def test_parameterless_modules_input_gradients_and_scalar_outputs(pool, n):
     assert want["error"]
     for got in pool.run(jobs.dist_data_parallel_edges, n):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_the_nn_data_parallel_corners(pool, n):
+    want = jobs.data_parallel_contract_on(fdp.Mesh(1, executor="general"))
+    for got in pool.run(jobs.dist_data_parallel_contract, n):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
