@@ -97,8 +97,17 @@ def _slice(batch: Any, dim: int, start: int, size: int) -> Any:
 
 
 def _scaled(tree: Any, weight: float) -> Any:
-    return tree if weight == 1.0 else _tree.map_with_path(lambda _, g: g * weight, tree)
+    if weight == 1.0:
+        return tree
+    return _tree.map_with_path(lambda _, g: None if g is None else g * weight, tree)
 
 
 def _add_scaled(acc: Any, tree: Any, weight: float) -> Any:
-    return _tree.map_with_path(lambda _, a, g: a + g * weight, acc, tree)
+    """``acc + weight * tree``; ``None`` (no gradient) is the sum's identity."""
+
+    def add(_: str, a: Any, g: Any) -> Any:
+        if g is None:
+            return a
+        return g * weight if a is None else a + g * weight
+
+    return _tree.map_with_path(add, acc, tree)

@@ -41,7 +41,10 @@ def functionalize(module: nn.Module) -> Model:
     in its forward (BatchNorm's running statistics, ``num_batches_tracked``) are copied first
     and the updated copies are returned as ``new_buffers``. The returned ``params``/``buffers``
     share storage with the module (no copy); fdp never writes to them. ``apply`` runs the
-    module in its current train/eval mode.
+    module in its current train/eval mode, and, as torch does, computes no gradient for a
+    parameter whose ``requires_grad`` is ``False`` in the module (frozen): its gradient is zero
+    (``None`` with ``value_and_grad(..., unused="none")``, and ``fdp.data_parallel_step`` leaves
+    it untouched, as ``torch.optim`` does).
 
     Example:
         >>> model = fdp.functionalize(torch.nn.Linear(3, 2))
@@ -66,7 +69,9 @@ def functionalize(module: nn.Module) -> Model:
         new_buffers = {k: v.clone() for k, v in buffers.items()}
         if torch.compiler.is_compiling():
             # one dict: functional_call writes buffers the module re-assigns back into it
-            state = {**params, **new_buffers}
+            frozen = {k for k, p in module.named_parameters() if not p.requires_grad}
+            state = {**{k: v.detach() if k in frozen else v for k, v in params.items()},
+                     **new_buffers}
             out = functional_call(module, state, args, kwargs, tie_weights=True, strict=True)
             new_buffers = {k: state[k] for k in new_buffers}
         else:
@@ -135,7 +140,9 @@ class _Instances:
         return clone, _slots(clone)
 
 
-_OWN_STATE = frozenset({"_parameters", "_buffers", "_modules"})
+# a copy's own state, and its per-instance forward (convert_dropout(functional=True)), which
+# is bound to the copy itself: never taken from the original
+_OWN_STATE = frozenset({"_parameters", "_buffers", "_modules", "forward"})
 
 
 def _sync_attributes(original: nn.Module, copy_: nn.Module) -> None:
@@ -180,8 +187,12 @@ def _call_with(module: nn.Module, slots: list[_Slot], params: Params, buffers: P
     try:
         for owner, kind, attr, key in slots:
             table = getattr(owner, kind)
-            saved.append((table, attr, table[attr]))
-            table[attr] = source[kind][key]
+            own = table[attr]
+            saved.append((table, attr, own))
+            value = source[kind][key]
+            # a frozen parameter (requires_grad=False in the module) gets no gradient, as in torch
+            table[attr] = value.detach() if kind == "_parameters" and not own.requires_grad \
+                else value
         out = module(*args, **kwargs)
         for owner, kind, attr, key in slots:
             if kind == "_buffers" and owner._buffers[attr] is not buffers[key]:

@@ -19,10 +19,12 @@ from fdp.backends._options import (
     Reduction,
     SplitRule,
     Strategy,
+    Unused,
     check_buffer_policy,
     check_randomness,
     check_reduction,
     check_strategy,
+    check_unused,
 )
 from fdp.random import _key_words, key_context
 
@@ -49,6 +51,7 @@ def value_and_grad(
     reduction: Reduction = "mean",
     randomness: Randomness = "error",
     buffer_policy: BufferPolicy | None = None,
+    unused: Unused = "zeros",
 ) -> Callable[..., tuple[Any, Params]]:
     """Data-parallel loss and gradient that equal the single-device ones for any batch and mesh.
 
@@ -86,6 +89,12 @@ def value_and_grad(
             returned function takes ``(params, buffers, batch, *args)`` and gives
             ``((loss, new_buffers), grads)``. Collectives inside ``loss_fn`` (e.g.
             :class:`fdp.nn.SyncBatchNorm`) see ``mesh.axis_name``.
+        unused: the gradient of a parameter the loss does not depend on (unused, or frozen:
+            ``requires_grad=False`` in the module that :func:`fdp.functionalize` wrapped):
+            ``"zeros"`` (default, ``torch.func.grad``'s) or ``"none"`` (``torch.autograd``'s;
+            :mod:`fdp.optim` then leaves the parameter as ``torch.optim`` leaves one whose
+            ``.grad`` is ``None``). Under ``torch.func`` transforms and ``torch.compile`` the
+            gradient cannot tell, and is zeros.
 
     The returned function also takes keyword-only ``key`` (an :mod:`fdp.random` key: every
     replica's ``loss_fn`` runs in ``fdp.random.key_context(key)``, so keyed layers such as
@@ -115,6 +124,7 @@ def value_and_grad(
     if isinstance(split, str):
         split_sizes(1, 1, split, "value_and_grad")  # validates the rule's name eagerly
     buffer_policy = check_buffer_policy(buffer_policy, "value_and_grad")
+    unused = check_unused(unused, "value_and_grad")
     if buffer_policy is not None and strategy == "gather":
         raise ValueError("value_and_grad: buffer_policy works with strategy='weighted' (each "
                          "replica's loss_fn returns its new buffers)")
@@ -136,7 +146,7 @@ def value_and_grad(
         _check.integer(row_offset, "value_and_grad", "row_offset")
         return GradPlan(loss_fn, strategy, has_aux, reduction, layout, dim, args, randomness,
                         buffers, buffer_policy, mesh.axis_name, key, row_offset,
-                        None if key is None else _key_scope)
+                        None if key is None else _key_scope, unused)
 
     if buffer_policy is None:
         def run(params: dict[str, torch.Tensor], batch: Any, *args: Any,

@@ -122,6 +122,11 @@ def data_parallel_step(
             (``((loss, aux), new_buffers)`` with ``has_aux``) and the step stores the kept
             buffers in the new state. See docs/training.md.
 
+    A parameter that gets no gradient — frozen (``requires_grad=False`` in the module that
+    :func:`fdp.functionalize` wrapped) or unused by the loss — is left as ``torch.optim`` leaves
+    one whose ``.grad`` is ``None``: no update, no weight decay, its optimizer state unchanged
+    (eager; under ``torch.compile`` it gets a zero gradient instead).
+
     Returns:
         ``step(state, batch)``; ``metrics`` holds ``"loss"`` (the full batch's loss) and
         ``"num_examples"`` (rows in the batch), and ``"aux"`` with ``has_aux`` (with
@@ -160,9 +165,10 @@ def data_parallel_step(
     if with_buffers and isinstance(loss_fn, SplitLoss):
         raise TypeError("data_parallel_step: with_buffers=True takes a plain loss_fn(params, "
                         "buffers, batch), not a split_loss")
+    # a parameter without a gradient (frozen or unused) is left as torch.optim leaves it
     grad_fn = value_and_grad(fn, mesh, has_aux, strategy=strategy, split=split, dim=dim,
                              reduction=reduction, randomness=randomness,
-                             buffer_policy=buffer_policy)
+                             buffer_policy=buffer_policy, unused="none")
     if microbatches != 1:
         grad_fn = accumulate(grad_fn, microbatches, has_aux=has_aux, dim=dim,
                              reduction=reduction)

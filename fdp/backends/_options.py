@@ -27,12 +27,15 @@ __all__ = [
     "SplitName",
     "SplitRule",
     "Strategy",
+    "UNUSED",
+    "Unused",
     "check_buffer_policy",
     "check_executor",
     "check_randomness",
     "check_reduce_op",
     "check_reduction",
     "check_strategy",
+    "check_unused",
 ]
 
 ReduceOp = Literal["sum", "mean", "max", "min"]
@@ -59,6 +62,11 @@ Executor = Literal["auto", "vmap", "general"]
 exact for any function that runs on one device) or ``"auto"`` (vmap, and the general executor
 where vmap cannot run the function, with a one-time :class:`fdp.FallbackWarning`)."""
 
+Unused = Literal["zeros", "none"]
+"""The gradient of a parameter the loss does not depend on (unused, or frozen with
+``requires_grad=False`` in its module): ``"zeros"`` (``torch.func.grad``'s) or ``"none"``
+(``torch.autograd``'s, which ``torch.optim`` and :mod:`fdp.optim` skip)."""
+
 SplitName = Literal["chunk", "even"]
 SplitRule = SplitName | Sequence[int]
 """How a batch is split over replicas: a rule's name, or one row count per replica."""
@@ -70,6 +78,7 @@ REDUCTIONS: tuple[Reduction, ...] = get_args(Reduction)
 BUFFER_POLICIES: tuple[BufferPolicy, ...] = get_args(BufferPolicy)
 SPLIT_NAMES: tuple[SplitName, ...] = get_args(SplitName)
 EXECUTORS: tuple[Executor, ...] = get_args(Executor)
+UNUSED: tuple[Unused, ...] = get_args(Unused)
 
 
 def check_reduce_op(value: object, fn: str, name: str = "op") -> ReduceOp:
@@ -86,6 +95,10 @@ def check_strategy(value: object, fn: str) -> Strategy:
 
 def check_reduction(value: object, fn: str) -> Reduction:
     return _check.choice(value, REDUCTIONS, fn, "reduction")
+
+
+def check_unused(value: object, fn: str) -> Unused:
+    return _check.choice(value, UNUSED, fn, "unused")
 
 
 def check_executor(value: object, fn: str) -> Executor:

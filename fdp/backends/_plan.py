@@ -18,7 +18,7 @@ import torch
 
 from fdp import _tree
 from fdp._layout import Layout
-from fdp.backends._options import BufferPolicy, Randomness, Reduction, Strategy
+from fdp.backends._options import BufferPolicy, Randomness, Reduction, Strategy, Unused
 
 __all__ = ["GradPlan", "KeyScope", "Params", "PyTree", "SplitLoss"]
 
@@ -63,6 +63,9 @@ class GradPlan:
         key: the :mod:`fdp.random` key the replicas' keyed layers draw from.
         row_offset: the first row of this batch in a larger one (microbatches).
         key_scope: binds ``key`` around a replica's forward (given with ``key``).
+        unused: the gradient of a parameter no replica's loss depends on: zeros, or ``None``
+            (where the backend can tell: tape autograd; under ``torch.func`` transforms and
+            ``torch.compile`` it is zeros).
     """
 
     loss: Callable[..., Any]
@@ -79,6 +82,7 @@ class GradPlan:
     key: torch.Tensor | None = None
     row_offset: int = 0
     key_scope: KeyScope | None = None
+    unused: Unused = "zeros"
 
     def __post_init__(self) -> None:
         if self.key is not None and self.key_scope is None:

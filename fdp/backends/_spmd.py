@@ -149,16 +149,17 @@ class SpmdBackend(Backend):
                 f"values on every backend"
             )
 
-    def backward_and_reduce(self, comm: Communicator, term: torch.Tensor,
-                            params: Params) -> tuple[torch.Tensor, Params]:
+    def backward_and_reduce(self, comm: Communicator, term: torch.Tensor, params: Params,
+                            keep_none: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
         """This replica's gradient of ``term`` summed over replicas, and the summed ``term``.
 
         Differentiates, then reduces in one bucketed all-reduce; a backend may override it to
-        overlap the reduction with backward (the distributed backend does).
+        overlap the reduction with backward (the distributed backend does). With ``keep_none``
+        a parameter that has no gradient on any replica gets ``None``.
         """
         grads = (torch.autograd.grad(term, list(params.values()), allow_unused=True)
                  if term.requires_grad else [None] * len(params))
-        return _ReplicaStep.reduce_grads(comm, params, grads, term)
+        return _ReplicaStep.reduce_grads(comm, params, grads, term, keep_none)
 
 
 def _generator_states(devices: Sequence[torch.device]) -> list[torch.Tensor]:
@@ -242,12 +243,22 @@ class _ReplicaStep:
 
     @staticmethod
     def reduce_grads(comm: Communicator, params: Params,
-                     grads: Sequence[torch.Tensor | None],
-                     loss: torch.Tensor) -> tuple[torch.Tensor, Params]:
+                     grads: Sequence[torch.Tensor | None], loss: torch.Tensor,
+                     keep_none: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Sums ``loss`` and ``grads`` over the replicas in one bucketed all-reduce; with
+        ``keep_none`` one more entry counts the replicas that had each gradient, so that a
+        parameter no replica's loss reached gets ``None`` on every replica."""
+        first = next(iter(params.values()))
         dense = [torch.zeros_like(p) if g is None else g
                  for p, g in zip(params.values(), grads, strict=True)]
-        loss = loss.detach().to(next(iter(params.values())).dtype)
-        total, *summed = comm.all_reduce_many([loss, *dense], "sum")
+        extra = [torch.tensor([g is not None for g in grads], dtype=first.dtype,
+                              device=first.device)] if keep_none else []
+        loss = loss.detach().to(first.dtype)
+        total, *summed = comm.all_reduce_many([loss, *dense, *extra], "sum")
+        if keep_none:
+            had = summed.pop().tolist()
+            return total, {k: g if n > 0 else None
+                           for k, g, n in zip(params, summed, had, strict=True)}
         return total, dict(zip(params, summed, strict=True))
 
 
@@ -273,7 +284,8 @@ class _WeightedStep(_ReplicaStep):
         else:  # the loss travels in the params' dtype so every replica's buckets match
             term = torch.zeros((), device=dev, dtype=next(iter(params.values())).dtype)
         dtype = term.dtype
-        loss, grads = self.backend.backward_and_reduce(comm, term, params)
+        loss, grads = self.backend.backward_and_reduce(comm, term, params,
+                                                       plan.unused == "none")
         loss = loss.to(dtype)
         if plan.buffer_policy is not None and new_buffers is not None:
             new_buffers = exchange_buffers(comm, new_buffers, plan.layout.sizes,
@@ -283,7 +295,7 @@ class _WeightedStep(_ReplicaStep):
     def combine(self, results: list) -> tuple[Any, dict]:
         plan, home = self.plan, self.backend.home
         loss, grads, _, new_buffers = results[0]
-        grads = {k: v.to(home) for k, v in grads.items()}
+        grads = {k: None if v is None else v.to(home) for k, v in grads.items()}
         out = loss.to(home)
         if plan.has_aux:
             out = (out, _stack_tree([res[2] for res in results if res[2] is not None], home))
@@ -309,7 +321,8 @@ class _GatheredStep(_ReplicaStep):
                 root="out")
             result = plan.call_criterion(gathered, self.shard_all(dev))
         loss, aux = result if plan.has_aux else (result, None)
-        _, grads = self.backend.backward_and_reduce(comm, loss / self.backend.size, params)
+        _, grads = self.backend.backward_and_reduce(comm, loss / self.backend.size, params,
+                                                    plan.unused == "none")
         return loss.detach(), grads, aux
 
     def shard_all(self, dev: torch.device) -> Any:
@@ -321,7 +334,7 @@ class _GatheredStep(_ReplicaStep):
     def combine(self, results: list) -> tuple[Any, dict]:
         home = self.backend.home
         loss, grads, aux = results[0]
-        grads = {k: v.to(home) for k, v in grads.items()}
+        grads = {k: None if v is None else v.to(home) for k, v in grads.items()}
         if self.plan.has_aux:
             aux = _tree.map_with_path(
                 lambda _, x: x.detach().to(home) if isinstance(x, torch.Tensor) else x, aux)

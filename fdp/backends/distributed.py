@@ -212,9 +212,9 @@ class DistributedBackend(SpmdBackend):
         finally:
             self._pending = None
 
-    def backward_and_reduce(self, comm: Communicator, term: torch.Tensor,
-                            params: Params) -> tuple[torch.Tensor, Params]:
-        reducer = _Reducer(self, term, list(params.values()))
+    def backward_and_reduce(self, comm: Communicator, term: torch.Tensor, params: Params,
+                            keep_none: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
+        reducer = _Reducer(self, term, list(params.values()), keep_none)
         if term.requires_grad and self.overlap:
             leaves = list(params.values())
             hooks = [p.register_post_accumulate_grad_hook(reducer.hook(len(leaves) - i))
@@ -229,7 +229,12 @@ class DistributedBackend(SpmdBackend):
             for i, g in enumerate(computed):
                 reducer.ready(len(computed) - i, g)
         loss, *grads = reducer.finish()
-        return loss.to(term.dtype), dict(zip(params, reversed(grads), strict=True))
+        had = grads.pop() if keep_none else None
+        out: dict[str, Any] = dict(zip(params, reversed(grads), strict=True))
+        if had is not None:  # None where no rank had a gradient (counted in the last bucket)
+            out = {k: g if n > 0 else None
+                   for (k, g), n in zip(out.items(), had.tolist(), strict=True)}
+        return loss.to(term.dtype), out
 
     def verify_inputs(self) -> None:
         """Finishes the per-call check started by :meth:`value_and_grad` (once)."""
@@ -242,22 +247,25 @@ class _Reducer:
     """Sums ``[term, *reversed(params' grads)]`` over ranks in buckets, launched in order.
 
     Items are numbered in the order backward produces gradients (last layer first), with the
-    loss term as item 0. Bucket ``k`` starts once all its items are ready and buckets
-    ``0..k-1`` have started, so every rank launches the same buckets in the same order even if
-    its gradients arrive in another order.
+    loss term as item 0 and, last, how many ranks had each parameter's gradient (filled in at
+    :meth:`finish`, so it rides in the last bucket: no extra collective). Bucket ``k`` starts
+    once all its items are ready and buckets ``0..k-1`` have started, so every rank launches
+    the same buckets in the same order even if its gradients arrive in another order.
     """
 
     _plans: ClassVar[dict[tuple, tuple[list[list[int]], list[int]]]] = {}
 
     def __init__(self, backend: DistributedBackend, term: torch.Tensor,
-                 leaves: list[torch.Tensor]) -> None:
+                 leaves: list[torch.Tensor], count_grads: bool = False) -> None:
         self.backend, self.comm = backend, backend.comm()
         # the loss travels in the params' dtype, so every replica's buckets match
         loss = term.detach().to(leaves[0].dtype)
-        self.like = [loss, *reversed(leaves)]
+        counts = [torch.zeros(len(leaves), dtype=leaves[0].dtype, device=leaves[0].device)]
+        self.like = [loss, *reversed(leaves), *(counts if count_grads else [])]
         self.buckets, self.owner = self._plan(self.like, backend.bucket_bytes,
                                               backend.first_bucket_bytes)
-        self.values: list[torch.Tensor | None] = [loss, *([None] * len(leaves))]
+        self.values: list[torch.Tensor | None] = [loss, *([None] * (len(self.like) - 1))]
+        self.count_grads = count_grads
         self.missing = [len(b) for b in self.buckets]
         self.missing[self.owner[0]] -= 1
         self.launched: list[tuple[Any, torch.Tensor]] = []
@@ -299,6 +307,11 @@ class _Reducer:
 
     def finish(self) -> list[torch.Tensor]:
         """Launches what is left (unused params count as zero) and waits for every bucket."""
+        if self.count_grads:  # params are items 1..P, last layer first
+            params = len(self.like) - 2
+            self.values[-1] = torch.tensor(
+                [self.values[params - j] is not None for j in range(params)],
+                dtype=self.like[-1].dtype, device=self.like[-1].device)
         for b in range(len(self.buckets)):
             self.missing[b] = 0
         self._launch_ready()

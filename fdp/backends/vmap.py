@@ -21,7 +21,7 @@ from fdp.backends._fallback import (
     warn_fallback,
 )
 from fdp.backends._frame import AxisFrame, bind_axis
-from fdp.backends._options import Executor, Randomness, check_executor
+from fdp.backends._options import Executor, Randomness, Unused, check_executor
 from fdp.backends._stacked import StackedPlacement
 from fdp.backends.threads import ThreadsBackend
 
@@ -197,7 +197,7 @@ class VmapBackend(StackedPlacement):
         else:
             total = _gathered_total(plan, batch, groups, group_inputs, per_replica, in_dims)
         if _plain_autograd_ok(params):
-            loss, (aux, stacked), grads = _autograd_value_and_grad(total, params)
+            loss, (aux, stacked), grads = _autograd_value_and_grad(total, params, plan.unused)
         else:
             grads, (loss, (aux, stacked)) = grad_and_value(total, has_aux=True)(params)
         out = (loss, aux) if plan.has_aux else loss
@@ -221,14 +221,16 @@ def _plain_autograd_ok(params: Params) -> bool:
     )
 
 
-def _autograd_value_and_grad(total: Total, params: Params) -> tuple[Any, Any, Params]:
+def _autograd_value_and_grad(total: Total, params: Params, unused: Unused
+                             ) -> tuple[Any, Any, Params]:
     leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
     loss, extras = total(leaves)
     grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()),
                                                  allow_unused=True), strict=True))
-    for k, g in grads.items():
-        if g is None:  # a parameter the loss does not use (torch.func.grad gives zeros too)
-            grads[k] = torch.zeros_like(params[k])
+    if unused == "zeros":  # as torch.func.grad: a parameter the loss does not use gets zeros
+        for k, g in grads.items():
+            if g is None:
+                grads[k] = torch.zeros_like(params[k])
     if extras != ({}, {}):  # only aux or buffers need detaching (skips two tree walks)
         extras = _tree.map_with_path(lambda _, x: x.detach() if _is_tensor(x) else x, extras)
     return loss.detach(), extras, grads

@@ -7,15 +7,13 @@ run draws exactly the masks of the single-device run, whatever the backend or th
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
 from fdp import _check
 from fdp import random as _random
 
-__all__ = ["Dropout", "convert_dropout", "dropout"]
+__all__ = ["Dropout", "dropout"]
 
 
 def _check_p(p: object, fn: str) -> float:
@@ -125,38 +123,3 @@ class Dropout(nn.Module):
             return input
         key = _random.next_key("fdp.nn.Dropout")
         return dropout(input, self.p, key, axis_name=self.axis_name, row_dim=self.row_dim)
-
-
-def convert_dropout(module: nn.Module, *, axis_name: str | None = None) -> nn.Module:
-    """A copy of ``module`` whose ``torch.nn.Dropout`` layers are :class:`Dropout`.
-
-    Layers keep their ``p`` and train/eval mode (``inplace`` is dropped: fdp's dropout never
-    writes to its input). Other dropout variants (``Dropout1d/2d/3d``, ``AlphaDropout``) and
-    everything else are deep-copied unchanged. ``module`` is not modified.
-
-    Args:
-        module: the model (or a single ``nn.Dropout``).
-        axis_name: given to every new layer (``None``: the innermost bound axis).
-
-    Returns:
-        The converted copy.
-
-    Example:
-        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.1))
-        >>> keyed = fdp.nn.convert_dropout(net)
-        >>> type(keyed[1]).__name__, keyed[1].p, type(net[1]).__name__
-        ('Dropout', 0.1, 'Dropout')
-        >>> type(keyed[1]).__module__, type(net[1]).__module__
-        ('fdp.nn._dropout', 'torch.nn.modules.dropout')
-    """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"convert_dropout: module must be a torch.nn.Module, got "
-                        f"{type(module).__name__}")
-    return _convert(copy.deepcopy(module), axis_name)
-
-
-def _convert(module: nn.Module, axis_name: str | None) -> nn.Module:
-    from fdp.nn._convert import replace_layers
-
-    return replace_layers(module, lambda m: Dropout(m.p, axis_name=axis_name).train(m.training)
-                          if type(m) is nn.Dropout else None)

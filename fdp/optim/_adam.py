@@ -69,8 +69,15 @@ def _adam(
         bias_correction1 = 1 - b1**step
         bias_correction2_sqrt = (1 - b2**step) ** 0.5
         step_size = lr / bias_correction1
-        out: list[list[torch.Tensor]] = [[], [], [], []]
+        out: list[list[torch.Tensor | None]] = [[], [], [], []]
         for g, p, m, v, v_max in zip(g_leaves, p_leaves, mu, nu, nu_max, strict=True):
+            if g is None:  # no gradient: skipped, as torch.optim skips a .grad of None
+                out[0].append(None)
+                out[1].append(m)
+                out[2].append(v)
+                if amsgrad:
+                    out[3].append(v_max)
+                continue
             if wd != 0 and not decoupled:
                 g = torch.add(g, p, alpha=wd)
             m = torch.lerp(m, g, 1 - b1)

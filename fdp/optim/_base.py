@@ -7,6 +7,14 @@ params. Nothing is ever written in place: every call returns new tensors.
 
 Trees are matched by *key path* (``['fc.weight']``), never by leaf position, so a dict whose keys
 were inserted in another order still lines up; a missing or extra key is an error naming it.
+
+A ``None`` gradient means *no gradient*, as a ``.grad`` of ``None`` does for ``torch.optim``: the
+parameter is frozen (``requires_grad=False``) or the loss did not use it. Every transformation
+then leaves it as torch.optim does: its update is ``None`` (``apply_updates`` keeps the param),
+its state entries (momentum, moments) stay as they were, no weight decay applies, and it does
+not count towards a global norm. (Step counters are the optimizer's, not per parameter: a
+parameter that misses steps and later gets gradients is bias-corrected, in Adam, with the
+optimizer's count, where torch counts the parameter's own steps.)
 """
 
 from __future__ import annotations
@@ -105,7 +113,8 @@ def apply_updates(params: PyTree, updates: Updates) -> PyTree:
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(f"apply_updates: params{path} is a {type(leaf).__name__}, "
                             f"not a torch.Tensor")
-    out = [(p + u).to(p.dtype) for p, u in zip(p_leaves, u_leaves, strict=True)]
+    out = [p if u is None else (p + u).to(p.dtype) for p, u in zip(p_leaves, u_leaves,
+                                                                    strict=True)]
     return pytree.tree_unflatten(out, spec)
 
 
@@ -137,12 +146,14 @@ def step_count(params_leaves: list[torch.Tensor]) -> torch.Tensor:
     return torch.zeros((), dtype=torch.int64, device=device)
 
 
-def grad_leaves(grads: PyTree, fn: str) -> list[torch.Tensor]:
-    """The leaves of ``grads``; each must be a tensor."""
+def grad_leaves(grads: PyTree, fn: str) -> list[torch.Tensor | None]:
+    """The leaves of ``grads``; each must be a tensor, or ``None`` for *no gradient*."""
     leaves = pytree.tree_leaves(grads)
-    for path, leaf in _paths_if_needed(grads, leaves):
-        if not isinstance(leaf, torch.Tensor):
-            raise TypeError(f"{fn}: grads{path} is a {type(leaf).__name__}, not a torch.Tensor")
+    if any(not isinstance(x, torch.Tensor) and x is not None for x in leaves):
+        for path, leaf in _tree.leaves_with_path(grads):
+            if not isinstance(leaf, torch.Tensor) and leaf is not None:
+                raise TypeError(f"{fn}: grads{path} is a {type(leaf).__name__}, not a "
+                                f"torch.Tensor (or None: no gradient)")
     return leaves
 
 
@@ -207,7 +218,7 @@ def check_state(state: Any, expected: type, fn: str, factory: str) -> None:
 def update_inputs(
     where: str, factory: str, state: Any, state_type: type, grads: PyTree,
     params: PyTree | None, weight_decay: float,
-) -> tuple[list[torch.Tensor], list[Any]]:
+) -> tuple[list[torch.Tensor | None], list[Any]]:
     """The checks every optimizer's ``update`` starts with.
 
     Returns the grad leaves and the params' leaves aligned to them by key path (``None``s when

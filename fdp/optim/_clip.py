@@ -12,13 +12,14 @@ __all__ = ["clip_by_global_norm", "global_norm"]
 
 
 def global_norm(tree: PyTree) -> torch.Tensor:
-    """The 2-norm of all leaves together (the norm of the leaf norms, in leaf order).
+    """The 2-norm of all leaves together (the norm of the leaf norms, in leaf order; ``None``
+    leaves, no gradient, are left out).
 
     Example:
         >>> fdp.optim.global_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])})
         tensor(5.)
     """
-    leaves = _base.grad_leaves(tree, "global_norm")
+    leaves = [g for g in _base.grad_leaves(tree, "global_norm") if g is not None]
     if not leaves:
         return torch.tensor(0.0)
     device = leaves[0].device
@@ -50,9 +51,10 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
             raise TypeError(f"clip_by_global_norm.update: state must be the EmptyState from its "
                             f"init, got {type(state).__name__}")
         leaves, spec = pytree.tree_flatten(grads)
-        if not leaves:
+        if all(g is None for g in leaves):
             return grads, state
         coef = torch.clamp(limit / (global_norm(grads) + 1e-6), max=1.0)
-        return pytree.tree_unflatten([g * coef.to(g.device) for g in leaves], spec), state
+        return pytree.tree_unflatten([None if g is None else g * coef.to(g.device)
+                                      for g in leaves], spec), state
 
     return GradientTransformation(init, update)

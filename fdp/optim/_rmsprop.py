@@ -90,8 +90,16 @@ def rmsprop(
         buf = _base.state_leaves(where, state.momentum_buffer, "state.momentum_buffer", grads,
                                  m > 0)
         lr = _schedules.learning_rate_at(learning_rate, state.count, where)
-        out: list[list[torch.Tensor]] = [[], [], [], []]
+        out: list[list[torch.Tensor | None]] = [[], [], [], []]
         for g, p, s, c, b in zip(g_leaves, p_leaves, sq, ga, buf, strict=True):
+            if g is None:  # no gradient: skipped, as torch.optim skips a .grad of None
+                out[0].append(None)
+                out[1].append(s)
+                if centered:
+                    out[2].append(c)
+                if m > 0:
+                    out[3].append(b)
+                continue
             if wd != 0:
                 g = torch.add(g, p, alpha=wd)
             s = torch.addcmul(s * a, g, g, value=1 - a)

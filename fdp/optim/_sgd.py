@@ -81,8 +81,14 @@ def sgd(
         b_leaves = _base.state_leaves(where, state.momentum_buffer, "state.momentum_buffer",
                                       grads, m != 0)
         first = state.count == 0
-        updates, buffers = [], []
+        updates: list[torch.Tensor | None] = []
+        buffers: list[torch.Tensor] = []
         for g, p, b in zip(g_leaves, p_leaves, b_leaves, strict=True):
+            if g is None:  # no gradient: skipped, as torch.optim skips a .grad of None
+                updates.append(None)
+                if m != 0:
+                    buffers.append(b)
+                continue
             if wd != 0:
                 g = torch.add(g, p, alpha=wd)
             if m != 0:

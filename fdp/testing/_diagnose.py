@@ -41,7 +41,11 @@ def diagnose(spec: Spec, sizes: tuple[int, ...], bad_buffers: list[str], raised:
         return [f"(the per-layer diagnosis could not run the model: "
                 f"{type(reference).__name__}: {_first_line(reference)})"]
     findings = runner.random_layers(reference) + runner.shard_findings(reference, sizes)
-    lines = _describe_all(findings, spec, per_layer, split_even, sizes)
+    inside = _loss_inside(spec, reference, runner.shard_outputs, sizes)
+    if inside is not None:  # the root's scalar loss is what "mixes" the rows: say why
+        findings = [f for f in findings if f.name != "" or f.kind == "raises"]
+    lines = ([inside] if inside else []) + _describe_all(findings, spec, per_layer,
+                                                          split_even, sizes)
     lines += _buffer_lines(bad_buffers, module if per_layer else None, findings, spec)
     if not findings:
         loss_line = _loss_line(spec, _root_output(reference), sizes)
@@ -110,6 +114,7 @@ class _Runner:
         self.module, self.params, self.buffers, self.spec = module, params, buffers, spec
         self.names = {id(m): name for name, m in module.named_modules()}
         self.synced = {self.names[id(m)] for m in _sync_layers(module)}
+        self.shard_outputs: list[tuple[int, int, Any]] = []  # (offset, rows, root output)
 
     @contextlib.contextmanager
     def _hooks(self, tracer: Tracer, stub_sync: bool = False) -> Iterator[None]:
@@ -160,6 +165,7 @@ class _Runner:
                 tracer = self._compare(reference, (offset, size), frozenset(skip))
                 part = shard(self.spec.batch, offset, size, self.spec.rows)
                 error = self.run(tracer, part, seed=3 + i, stub_sync=True)
+                self.shard_outputs.append((offset, size, _root_output(tracer)))
                 found += [f._replace(detail=f"replica {i}: {f.detail}")
                           for f in tracer.findings]
                 if error is not None:
@@ -214,17 +220,33 @@ def _is_batch_stat_norm(module: nn.Module | None) -> bool:
 
 def _describe_all(findings: list[Finding], spec: Spec, per_layer: bool, split_even: bool,
                   sizes: tuple[int, ...]) -> list[str]:
+    """One line per culprit; layers of one type with the same problem share a line (twenty
+    BatchNorm layers are one line with a count)."""
     by_name: dict[str, list[Finding]] = {}
     for f in findings:
         by_name.setdefault(f.name, []).append(f)
-    return [_describe(group, spec, per_layer, split_even, sizes) for group in by_name.values()]
+    kinds: dict[tuple, list[list[Finding]]] = {}
+    for group in by_name.values():
+        f = group[0]
+        key = (f.kind, type(f.module), any(g.kind == "raises" for g in group)) \
+            if f.name else ("root", f.name)
+        kinds.setdefault(key, []).append(group)
+    lines = []
+    for groups in kinds.values():
+        names = [g[0].name for g in groups]
+        lines.append(_describe(groups[0], spec, per_layer, split_even, sizes, names[1:]))
+    return lines
 
 
 def _describe(group: list[Finding], spec: Spec, per_layer: bool, split_even: bool,
-              sizes: tuple[int, ...]) -> str:
+              sizes: tuple[int, ...], alike: list[str] | None = None) -> str:
     f = group[0]
     raised = next((g.detail for g in group if g.kind == "raises"), None)
     where = _where(f.name, f.module) if per_layer else "the model (fdp.Model.apply)"
+    if alike and per_layer:
+        kind = type(f.module).__name__
+        shown = ", ".join(repr(n) for n in alike[:3]) + (", ..." if len(alike) > 3 else "")
+        where = f"{where} and {len(alike)} more {kind} layer{'s' * (len(alike) > 1)} ({shown})"
     if f.kind == "random":
         return _random_line(where, f.module)
     if _is_batch_stat_norm(f.module):
@@ -317,6 +339,39 @@ def _loss_line(spec: Spec, outputs: Any, sizes: tuple[int, ...]) -> str | None:
             f"replicas' shards gives {combined.item():.6g}, on the full batch it is "
             f"{full.item():.6g}. The default strategy='weighted' needs such a loss; for any "
             f"other criterion use strategy='gather' (nn.DataParallel's semantics)")
+
+
+def _loss_inside(spec: Spec, reference: Tracer, shards: list[tuple[int, int, Any]],
+                 sizes: tuple[int, ...]) -> str | None:
+    """A model that computes its loss in ``forward`` (a scalar output, as Hugging Face models do
+    with ``labels=``): whether that loss combines over the replicas as the strategy needs.
+    ``None``: the model returns no scalar; ``""``: it does, and it combines exactly."""
+    full_out = _root_output(reference)
+    scalars = [p for p, x in _tree_paths(full_out) if isinstance(x, torch.Tensor) and x.dim() == 0]
+    if not scalars or spec.strategy != "weighted" or any(o is None for _, _, o in shards):
+        return None
+    with torch.no_grad():
+        full = spec.loss_fn(full_out, spec.batch)
+        parts = [spec.loss_fn(out, shard(spec.batch, offset, size, spec.rows))
+                 * (size / spec.rows if spec.reduction == "mean" else 1.0)
+                 for offset, size, out in shards]
+        combined = torch.stack(parts).sum()
+    if not isinstance(full, torch.Tensor) or difference(combined, full.detach(), spec.rtol,
+                                                          spec.atol) is None:
+        return ""
+    word = "mean" if spec.reduction == "mean" else "sum"
+    return (f"the model computes the loss inside its forward (a scalar at out{scalars[0]}), "
+            f"and it is not a {word} of per-example terms: each replica's loss weighted by its "
+            f"rows gives {combined.item():.6g}, the full batch {full.item():.6g}. A mean over "
+            f"tokens with padding ignored (labels=-100, as in Hugging Face models) is such a "
+            f"loss. Return per-example (per-token) outputs and compute the loss in loss_fn "
+            f"with strategy='gather' (nn.DataParallel's semantics), or make it a per-example "
+            f"mean")
+
+
+def _tree_paths(tree: Any) -> list[tuple[str, Any]]:
+    pairs, _ = pytree.tree_flatten_with_path(tree)
+    return [(pytree.keystr(path), leaf) for path, leaf in pairs]
 
 
 def _rows(tree: Any, offset: int, size: int, total: int) -> Any:

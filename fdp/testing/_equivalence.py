@@ -123,6 +123,11 @@ def _compare(actual: Trajectory, expected: Trajectory, spec: Spec) -> list[Misma
 
 def _differ(label: str, actual: Any, expected: Any, spec: Spec,
             buffer: str | None = None, floor: float = 0.0) -> list[Mismatch]:
+    if actual is None or expected is None:  # no gradient: frozen, or unused by the loss
+        if actual is None and expected is None:
+            return []
+        where = "the data-parallel run" if actual is None else "single-device training"
+        return [Mismatch(label, buffer, f"no gradient (None) in {where} only")]
     if not isinstance(actual, torch.Tensor):
         return [Mismatch(label, buffer, f"got {type(actual).__name__}")]
     diff = difference(actual, expected, spec.rtol, spec.atol, floor)

@@ -33,15 +33,15 @@ def _optimizer(spec: Spec) -> Any:
 
 
 class _SingleDevice:
-    """Plain autograd on the whole batch: a deep copy of the module, or ``model.apply``."""
+    """Plain autograd on the whole batch: a deep copy of the module, or ``model.apply``. As
+    with torch.optim, a frozen parameter (``requires_grad=False``) or one the loss does not use
+    gets no gradient (``None``), which the optimizer skips."""
 
     def __init__(self, spec: Spec) -> None:
         self.spec = spec
         if spec.module is not None:
             self.module = copy.deepcopy(spec.module)
             self.params: dict[str, torch.Tensor] = dict(self.module.named_parameters())
-            for p in self.params.values():
-                p.requires_grad_(True)
         else:
             self.params = {k: v.detach().clone().requires_grad_(True)
                            for k, v in spec.params.items()}
@@ -85,10 +85,7 @@ def single_device(spec: Spec) -> Trajectory:
     first, steps = None, []
     for _ in range(spec.steps if spec.trains else 1):
         loss, buffers = run.loss()
-        grads = dict(zip(run.params, torch.autograd.grad(
-            loss, list(run.params.values()), allow_unused=True, materialize_grads=True),
-            strict=True))
-        grads = {k: g.detach() for k, g in grads.items()}
+        grads = _grads(loss, run.params)
         if first is None:
             first = (loss.detach(), grads, buffers)
         if spec.trains:
@@ -118,6 +115,17 @@ def _dp_loss(spec: Spec, model: Model) -> Any:
     return with_buffers
 
 
+def _grads(loss: torch.Tensor, params: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``None`` for a parameter that is frozen or that the loss does not reach."""
+    tracked = [k for k, p in params.items() if p.requires_grad]
+    found = torch.autograd.grad(loss, [params[k] for k in tracked], allow_unused=True) \
+        if tracked and loss.requires_grad else [None] * len(tracked)
+    grads: dict[str, Any] = dict.fromkeys(params)
+    grads.update({k: None if g is None else g.detach()
+                  for k, g in zip(tracked, found, strict=True)})
+    return grads
+
+
 def data_parallel(spec: Spec, mesh: Mesh) -> Trajectory:
     if spec.model is not None:
         model = spec.model
@@ -127,7 +135,7 @@ def data_parallel(spec: Spec, mesh: Mesh) -> Trajectory:
     loss_fn = _dp_loss(spec, model)
     grad_fn = value_and_grad(loss_fn, mesh, split=spec.split, strategy=spec.strategy,
                              reduction=spec.reduction, randomness=spec.randomness,
-                             buffer_policy=spec.buffer_policy)
+                             buffer_policy=spec.buffer_policy, unused="none")
     if spec.buffer_policy is None:
         (loss, grads), buffers = grad_fn(model.params, spec.batch), model.buffers
     else:

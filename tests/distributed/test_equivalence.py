@@ -4,6 +4,7 @@ every collective agrees across them (float64, relative 1e-10 to scale)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -93,3 +94,12 @@ def test_collectives_agree_across_backends(pool, case):
                 want = vmapped[key][:1]
             assert_close(value, want, F64_REL)
     assert torch.equal(ranks[0]["gathered"], rows)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_frozen_and_unused_parameters_stay_as_torch_optim_leaves_them(pool, n):
+    want = jobs.frozen_training_on(fdp.Mesh(1))
+    for got in pool.run(jobs.dist_frozen_training, n):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        for name in ("stem.weight", "stem.bias", "spare"):
+            assert torch.equal(got[name], want[name])

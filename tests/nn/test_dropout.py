@@ -13,7 +13,7 @@ from torch import nn
 
 import fdp
 import fdp.random as R
-from fdp.nn._dropout import Dropout, convert_dropout, dropout
+from fdp.nn import Dropout, convert_dropout, dropout
 from tests.helpers import F64_REL, assert_close, assert_unchanged, snapshot, splits
 
 _THREADS: dict[int, fdp.Mesh] = {}

@@ -181,3 +181,72 @@ def test_tolerances_can_be_loosened():
     net = CenterNet().double()
     _failure(net, mse, regression_batch(8), fdp.Mesh(2))
     assert_dp_equivalent(net, mse, regression_batch(8), fdp.Mesh(2), rtol=10.0, atol=10.0)
+
+
+class _TokenLM(nn.Module):
+    """A Hugging Face-like language model: with ``labels`` it returns its own loss, the mean
+    over the tokens whose label is not -100."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.out = nn.Embedding(11, 8), nn.Linear(8, 11)
+
+    def forward(self, ids, labels=None):
+        logits = self.out(torch.tanh(self.emb(ids)))
+        loss = nn.functional.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1),
+                                           ignore_index=-100)
+        return {"loss": loss, "logits": logits}
+
+
+def test_a_token_mean_loss_inside_the_model_is_named_not_blamed_on_the_root():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 11, (6, 5))
+    labels = ids.clone()
+    labels[0, 2:] = labels[3, 1:] = -100  # padding: rows hold different numbers of tokens
+    batch = {"ids": ids, "labels": labels}
+    with pytest.raises(AssertionError) as info:
+        assert_dp_equivalent(_TokenLM().double(), lambda out, b: out["loss"], batch,
+                             inputs=lambda b: fdp.testing.Args(b["ids"], labels=b["labels"]))
+    culprits = [line for line in str(info.value).splitlines() if "culprit" in line]
+    assert len(culprits) == 1, culprits
+    assert "loss inside its forward (a scalar at out['loss'])" in culprits[0]
+    assert "strategy='gather'" in culprits[0] and "mixes examples" not in culprits[0]
+
+
+def test_many_alike_culprits_share_one_line():
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(6):
+        layers += [nn.Linear(4, 4), nn.BatchNorm1d(4)]
+    model = nn.Sequential(*layers, nn.Linear(4, 2)).double()
+    x, y = torch.randn(9, 4, dtype=torch.float64), torch.randn(9, 2, dtype=torch.float64)
+    with pytest.raises(AssertionError) as info:
+        assert_dp_equivalent(model, lambda out, b: (out - b[1]).square().mean(), (x, y),
+                             buffer_policy="replica0")
+    culprits = [line for line in str(info.value).splitlines() if "culprit" in line]
+    assert len(culprits) == 1, culprits
+    assert "BatchNorm1d at '1' and 5 more BatchNorm1d layers ('3', '5', '7', ...)" in culprits[0]
+
+
+def test_the_reference_is_torch_optim_on_frozen_and_unused_parameters(monkeypatch):
+    """A data-parallel step that decayed frozen and unused parameters (what fdp 0.1 did) is
+    caught; the step that leaves them alone passes."""
+    from tests.test_frozen_and_unused import _partly
+
+    module = _partly()
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(7, 4, dtype=torch.float64, generator=g),
+             torch.randn(7, 6, dtype=torch.float64, generator=g))
+
+    def loss_fn(out, b):
+        return (out - b[1]).square().mean()
+
+    optimizer = fdp.optim.adamw(0.01, weight_decay=0.1)
+    assert_dp_equivalent(module, loss_fn, batch, optimizer=optimizer, steps=2)
+    import fdp._train as train
+
+    real = train.value_and_grad
+    monkeypatch.setattr(train, "value_and_grad",
+                        lambda *a, **kw: real(*a, **{**kw, "unused": "zeros"}))
+    with pytest.raises(AssertionError, match=r"params\['(stem\.weight|spare)'\] after step 1"):
+        assert_dp_equivalent(module, loss_fn, batch, optimizer=optimizer, steps=2)
