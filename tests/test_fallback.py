@@ -135,3 +135,28 @@ def test_under_torch_func_the_vmap_error_explains_the_fallback():
     with pytest.raises(RuntimeError, match="Batching rule") as info:
         torch.func.grad(lambda p: vg(p, case.batch)[0])(model.params)
     assert "general executor" in "\n".join(getattr(info.value, "__notes__", []))
+
+
+@pytest.mark.filterwarnings("ignore::fdp.FallbackWarning")
+@pytest.mark.parametrize("mesh", ["vmap", "threads"])
+@pytest.mark.parametrize("name", ["lstm-packed-bidirectional", "masked-encoder", "branchy"])
+def test_k_steps_equal_torch_optim(mesh, name):
+    import copy
+
+    from tests.zoo import mse
+
+    case = sequence_case(name, rows=7)
+    model, loss_fn = functional_loss(case)
+    reference = copy.deepcopy(case.module)
+    torch_opt = torch.optim.SGD(reference.parameters(), 0.1, momentum=0.9, weight_decay=0.01)
+    optimizer = fdp.optim.sgd(0.1, momentum=0.9, weight_decay=0.01)
+    on = fdp.Mesh(3) if mesh == "vmap" else fdp.Mesh(devices=["cpu"] * 3)
+    step = fdp.data_parallel_step(loss_fn, optimizer, on, split="even")
+    state = fdp.TrainState.create(model.params, optimizer)
+    for _ in range(3):
+        state, _ = step(state, case.batch)
+        torch_opt.zero_grad(set_to_none=True)
+        mse(reference(case.batch["x"], case.batch["lengths"]), case.batch).backward()
+        torch_opt.step()
+    assert_close(state.params, {k: v.detach() for k, v in reference.named_parameters()},
+                 F64_REL)

@@ -20,8 +20,8 @@ from tests.optim.trees import make, structures
 
 f64 = torch.float64
 
-# (ours, torch's, whether a parameter may also miss only some steps: the optimizers whose
-# update does not depend on the step count of the parameter itself)
+# (ours, torch's, whether a parameter may also miss only some steps: all of them, Adam counting
+# each parameter's own steps as torch does; SGD's first-step rule would differ with dampening)
 OPTIMIZERS = {
     "sgd": (lambda: optim.sgd(0.1), lambda p: torch.optim.SGD(p, 0.1), True),
     "sgd-momentum-wd": (lambda: optim.sgd(0.05, 0.9, weight_decay=0.1),
@@ -33,12 +33,12 @@ OPTIMIZERS = {
         lambda p: torch.optim.RMSprop(p, 0.01, momentum=0.5, centered=True, weight_decay=0.1),
         True),
     "adam-wd": (lambda: optim.adam(0.01, weight_decay=0.1),
-                lambda p: torch.optim.Adam(p, 0.01, weight_decay=0.1), False),
+                lambda p: torch.optim.Adam(p, 0.01, weight_decay=0.1), True),
     "adamw": (lambda: optim.adamw(0.01, weight_decay=0.1),
-              lambda p: torch.optim.AdamW(p, 0.01, weight_decay=0.1), False),
+              lambda p: torch.optim.AdamW(p, 0.01, weight_decay=0.1), True),
     "adamw-amsgrad": (lambda: optim.adamw(0.01, weight_decay=0.1, amsgrad=True),
                       lambda p: torch.optim.AdamW(p, 0.01, weight_decay=0.1, amsgrad=True),
-                      False),
+                      True),
 }
 
 

@@ -21,12 +21,17 @@ class AdamState(NamedTuple):
         nu: second-moment running averages (``exp_avg_sq``).
         nu_max: running maximum of ``nu`` with ``amsgrad=True`` (``max_exp_avg_sq``), else
             ``EmptyState()`` (a tree with no leaves).
+        steps: the updates each parameter received (int64, one entry per leaf in the
+            params' leaf order): torch.optim's per-parameter ``step``, for the bias
+            correction of a parameter that had no gradient on some steps. ``None`` (a state
+            built by hand) counts ``count`` for every parameter.
     """
 
     count: torch.Tensor  # type: ignore[assignment]  # optax's field name shadows tuple.count
     mu: PyTree
     nu: PyTree
     nu_max: PyTree
+    steps: torch.Tensor | None = None
 
 
 def _adam(
@@ -54,7 +59,9 @@ def _adam(
             return _base.unflatten_like([torch.zeros_like(p) for p in leaves], params)
 
         nu_max = zeros() if amsgrad else EmptyState()
-        return AdamState(_base.step_count(leaves), zeros(), zeros(), nu_max)
+        count = _base.step_count(leaves)
+        steps = torch.zeros(len(leaves), dtype=torch.int64, device=count.device)
+        return AdamState(count, zeros(), zeros(), nu_max, steps)
 
     def update(
         grads: PyTree, state: AdamState, params: PyTree | None = None
@@ -65,12 +72,14 @@ def _adam(
         nu = _base.aligned_leaves(where, state.nu, "state.nu", grads)
         nu_max = _base.state_leaves(where, state.nu_max, "state.nu_max", grads, amsgrad)
         lr = _schedules.learning_rate_at(learning_rate, state.count, where)
-        step = (state.count + 1).to(torch.float64)
+        steps = _steps(where, state, g_leaves)
+        step = steps.to(torch.float64)  # each parameter's own count, as torch.optim's
         bias_correction1 = 1 - b1**step
         bias_correction2_sqrt = (1 - b2**step) ** 0.5
         step_size = lr / bias_correction1
         out: list[list[torch.Tensor | None]] = [[], [], [], []]
-        for g, p, m, v, v_max in zip(g_leaves, p_leaves, mu, nu, nu_max, strict=True):
+        for i, (g, p, m, v, v_max) in enumerate(zip(g_leaves, p_leaves, mu, nu, nu_max,
+                                                    strict=True)):
             if g is None:  # no gradient: skipped, as torch.optim skips a .grad of None
                 out[0].append(None)
                 out[1].append(m)
@@ -85,8 +94,8 @@ def _adam(
             if amsgrad:
                 v_max = torch.maximum(v_max, v)
                 out[3].append(v_max)
-            denom = (v_max if amsgrad else v).sqrt() / bias_correction2_sqrt + eps
-            u = (-step_size * m) / denom
+            denom = (v_max if amsgrad else v).sqrt() / bias_correction2_sqrt[i] + eps
+            u = (-step_size[i] * m) / denom
             if wd != 0 and decoupled:
                 u = u - (lr * wd) * p
             out[0].append(u)
@@ -94,9 +103,27 @@ def _adam(
             out[2].append(v)
         new = [_base.unflatten_like(leaves, grads) for leaves in out[:3]]
         new_max = _base.unflatten_like(out[3], grads) if amsgrad else EmptyState()
-        return new[0], AdamState(state.count + 1, new[1], new[2], new_max)
+        return new[0], AdamState(state.count + 1, new[1], new[2], new_max,
+                                 steps if state.steps is not None else None)
 
     return GradientTransformation(init, update)
+
+
+def _steps(where: str, state: AdamState, grads: list[torch.Tensor | None]) -> torch.Tensor:
+    """Each parameter's step count after this update: one more where it has a gradient."""
+    if state.steps is None:
+        return (state.count + 1).expand(len(grads))
+    if not isinstance(state.steps, torch.Tensor) or state.steps.shape != (len(grads),):
+        got = (tuple(state.steps.shape) if isinstance(state.steps, torch.Tensor)
+               else type(state.steps).__name__)
+        raise ValueError(f"{where}: state.steps has shape {got}, but the grads have "
+                         f"{len(grads)} leaves; initialize the state with the same optimizer "
+                         f"and params")
+    if all(g is not None for g in grads):
+        return state.steps + 1
+    took = torch.tensor([g is not None for g in grads], dtype=torch.int64,
+                        device=state.steps.device)
+    return state.steps + took
 
 
 def adam(

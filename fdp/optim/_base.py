@@ -12,9 +12,10 @@ A ``None`` gradient means *no gradient*, as a ``.grad`` of ``None`` does for ``t
 parameter is frozen (``requires_grad=False``) or the loss did not use it. Every transformation
 then leaves it as torch.optim does: its update is ``None`` (``apply_updates`` keeps the param),
 its state entries (momentum, moments) stay as they were, no weight decay applies, and it does
-not count towards a global norm. (Step counters are the optimizer's, not per parameter: a
-parameter that misses steps and later gets gradients is bias-corrected, in Adam, with the
-optimizer's count, where torch counts the parameter's own steps.)
+not count towards a global norm. Adam counts each parameter's own steps for its bias
+correction, as torch does. (SGD's "first step" of the momentum buffer is the optimizer's: with
+``dampening != 0``, a parameter whose first gradient comes late starts its buffer at
+``(1 - dampening) * g`` where torch starts it at ``g``.)
 """
 
 from __future__ import annotations

@@ -368,3 +368,28 @@ def frozen_training_on(mesh: fdp.Mesh) -> dict:
 
 def dist_frozen_training() -> dict:
     return frozen_training_on(mesh_here())
+
+
+def zoo_training_on(mesh: fdp.Mesh, name: str) -> dict:
+    """A sequence model of the zoo: loss and gradients, then two SGD steps with momentum (Adam
+    would turn the attention key bias's gradient, zero up to rounding, into full steps)."""
+    import warnings
+
+    from tests.zoo import functional_loss, sequence_case
+
+    case = sequence_case(name, rows=7)
+    model, loss_fn = functional_loss(case)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the vmap reference falls back, by design
+        loss, grads = fdp.value_and_grad(loss_fn, mesh, split="even")(model.params, case.batch)
+        optimizer = fdp.optim.sgd(0.1, momentum=0.9)
+        step = fdp.data_parallel_step(loss_fn, optimizer, mesh, split="even")
+        state = fdp.TrainState.create(model.params, optimizer)
+        for _ in range(2):
+            state, _ = step(state, case.batch)
+    return {"loss": loss, **{f"grad.{k}": v for k, v in grads.items()},
+            **{f"param.{k}": v for k, v in state.params.items()}}
+
+
+def dist_zoo_training(name: str) -> dict:
+    return zoo_training_on(mesh_here(), name)

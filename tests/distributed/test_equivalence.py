@@ -103,3 +103,10 @@ def test_frozen_and_unused_parameters_stay_as_torch_optim_leaves_them(pool, n):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
         for name in ("stem.weight", "stem.bias", "spare"):
             assert torch.equal(got[name], want[name])
+
+
+@pytest.mark.parametrize("name", ["lstm-packed-bidirectional", "masked-encoder", "branchy"])
+def test_the_zoo_trains_on_processes_as_on_one_device(pool, name):
+    want = jobs.zoo_training_on(fdp.Mesh(1, executor="general"), name)
+    for got in pool.run(jobs.dist_zoo_training, 3, args=(name,)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
