@@ -92,3 +92,34 @@ def test_apply_under_compile_matches_eager():
     x = torch.randn(5, 4)
     compiled = torch.compile(lambda p, x: model.apply(p, model.buffers, x)[0])
     assert torch.allclose(compiled(model.params, x), module(x))
+
+
+def test_apply_never_lends_the_users_module_to_other_threads():
+    """While one thread runs ``apply`` with other params, another thread that uses the module
+    itself sees its own parameters only (outputs and ``state_dict``)."""
+    import threading
+
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2).double()
+    model = fdp.functionalize(net)
+    other = {k: torch.randn_like(v) for k, v in model.params.items()}
+    x = torch.randn(4, 3, dtype=torch.float64)
+    expected = net(x).detach()
+    stop, wrong = threading.Event(), []
+
+    def apply_loop():
+        while not stop.is_set():
+            model.apply(other, model.buffers, x)
+
+    thread = threading.Thread(target=apply_loop)
+    thread.start()
+    try:
+        for _ in range(3000):
+            if not torch.equal(net(x).detach(), expected):
+                wrong.append("output")
+            if not torch.equal(net.state_dict()["weight"], model.params["weight"]):
+                wrong.append("state_dict")
+    finally:
+        stop.set()
+        thread.join()
+    assert not wrong, f"{len(wrong)} observations of the other params, e.g. {wrong[:3]}"
