@@ -246,8 +246,9 @@ class DataParallel(nn.Module):
             runs.append((out, rows, res.layout, group))
             stacked.append(new_buffers)
         # groups of different sizes tell each output's batch dim where one alone cannot
-        dims = _common_dims([_output_dims(out, rows, self.dim)
-                             for out, rows, _, _ in runs], self.dim)
+        dims = _common_dims([_output_dims(out, rows, self.dim) for out, rows, _, _ in runs],
+                            [p for p, _ in _tree.leaves_with_path(runs[0][0], "out")],
+                            self.dim)
         outs = [_gather_outputs(out, dims, lay, group) for out, _, lay, group in runs]
         return (_cat_outputs(outs, dims),
                 {k: torch.cat([s[k] for s in stacked]) for k in call.buffers})
@@ -292,18 +293,19 @@ def _output_dims(out: Any, rows: int, dim: int) -> list[list[int] | None]:
             else None for path, x in _tree.leaves_with_path(out, "out")]
 
 
-def _common_dims(candidates: list[list[Any]], dim: int) -> list[int | None]:
+def _common_dims(candidates: list[list[Any]], paths: list[str], dim: int
+                 ) -> list[int | None]:
     """Per leaf, the batch dim every group agrees on (``dim`` first when several remain)."""
     out: list[int | None] = []
-    for leaf, per_group in enumerate(zip(*candidates, strict=True)):
+    for leaf, per_group in zip(paths, zip(*candidates, strict=True), strict=True):
         if per_group[0] is None:
             out.append(None)
             continue
         agreed = [d for d in per_group[0] if all(d in c for c in per_group[1:])]
         if not agreed:
-            raise ValueError(f"{_FN}: output leaf {leaf} of the module has no dim that holds "
-                             f"every replica's rows (dim={dim}); outputs are gathered along "
-                             f"their batch dim")
+            raise ValueError(f"{_FN}: the module's output {leaf} has no dim that holds every "
+                             f"replica's rows (dim={dim}); return per-example outputs with the "
+                             f"batch at one dim, to be gathered along it")
         out.append(agreed[0])
     return out
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import fdp
 from fdp.backends import _fallback
-from tests.helpers import F64_REL, assert_close
+from tests.helpers import F32_REL, F64_REL, assert_close
 from tests.zoo import SEQUENCE_MODELS, functional_loss, sequence_case
 
 # torch's own notice when vmap runs an op through its slow generic fallback (before failing)
@@ -37,8 +37,9 @@ VMAP_CANNOT = {"lstm", "gru-bidirectional", "rnn", "lstm-packed-bidirectional", 
 
 @pytest.mark.parametrize("name", sorted(SEQUENCE_MODELS))
 @pytest.mark.parametrize("split", ["chunk", "even", [2, 0, 5]])
-def test_value_and_grad_falls_back_and_equals_one_device(name, split):
-    case = sequence_case(name)
+@pytest.mark.parametrize(("dtype", "rel"), [(torch.float64, F64_REL), (torch.float32, F32_REL)])
+def test_value_and_grad_falls_back_and_equals_one_device(name, split, dtype, rel):
+    case = sequence_case(name, dtype=dtype)
     model, loss_fn = functional_loss(case)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always", fdp.FallbackWarning)
@@ -47,8 +48,8 @@ def test_value_and_grad_falls_back_and_equals_one_device(name, split):
     fell_back = [w for w in seen if issubclass(w.category, fdp.FallbackWarning)]
     assert len(fell_back) == (name in VMAP_CANNOT), [str(w.message) for w in seen]
     ref_loss, ref_grads = _single_device(loss_fn, model.params, case.batch)
-    assert_close(loss, ref_loss, F64_REL)
-    assert_close(grads, ref_grads, F64_REL)
+    assert_close(loss, ref_loss, rel)
+    assert_close(grads, ref_grads, rel)
 
 
 def test_the_warning_names_the_op_and_comes_once():

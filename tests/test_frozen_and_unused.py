@@ -132,6 +132,28 @@ def _torch_training(module: nn.Module, batches: list[dict], make_opt, clip: floa
     return {k: v.detach() for k, v in module.named_parameters()}
 
 
+def frozen_batches() -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    return [{"x": torch.randn(7, 4, dtype=f64, generator=g),
+             "y": torch.randn(7, 6, dtype=f64, generator=g)} for _ in range(3)]
+
+
+def frozen_training(mesh: fdp.Mesh, optimizer: Any, microbatches: int, batches: list[dict]
+                    ) -> tuple[dict, dict]:
+    """``(params after data_parallel_step on each batch, params before)`` for ``_partly``."""
+    model = fdp.functionalize(_partly())
+
+    def loss_fn(params: dict, batch: dict) -> Any:
+        out, _ = model.apply(params, model.buffers, batch["x"])
+        return (out - batch["y"]).square().mean()
+
+    step = fdp.data_parallel_step(loss_fn, optimizer, mesh, microbatches=microbatches)
+    state = fdp.TrainState.create(model.params, optimizer)
+    for batch in batches:
+        state, _ = step(state, batch)
+    return state.params, model.params
+
+
 def _mesh(kind: str) -> fdp.Mesh:
     return fdp.Mesh(3) if kind == "vmap" else fdp.Mesh(devices=["cpu"] * 3)
 
@@ -143,24 +165,12 @@ def test_training_leaves_frozen_and_unused_parameters_as_torch_optim(mesh, micro
     clip = 0.5 if name == "clip+adamw" else None
     ours_opt, theirs, _ = OPTIMIZERS["adamw" if clip else name]
     optimizer = optim.chain(optim.clip_by_global_norm(clip), ours_opt()) if clip else ours_opt()
-    module = _partly()
-    model = fdp.functionalize(module)
-
-    def loss_fn(params: dict, batch: dict) -> Any:
-        out, _ = model.apply(params, model.buffers, batch["x"])
-        return (out - batch["y"]).square().mean()
-
-    g = torch.Generator().manual_seed(1)
-    batches = [{"x": torch.randn(7, 4, dtype=f64, generator=g),
-                "y": torch.randn(7, 6, dtype=f64, generator=g)} for _ in range(3)]
-    step = fdp.data_parallel_step(loss_fn, optimizer, _mesh(mesh), microbatches=microbatches)
-    state = fdp.TrainState.create(model.params, optimizer)
-    for batch in batches:
-        state, _ = step(state, batch)
-    want = _torch_training(module, batches, theirs, clip)
-    assert_close(state.params, want, F64_REL)
+    batches = frozen_batches()
+    got, before = frozen_training(_mesh(mesh), optimizer, microbatches, batches)
+    want = _torch_training(_partly(), batches, theirs, clip)
+    assert_close(got, want, F64_REL)
     for name_ in ("stem.weight", "stem.bias", "spare"):  # exactly as they were
-        assert torch.equal(state.params[name_], model.params[name_])
+        assert torch.equal(got[name_], before[name_])
 
 
 def test_value_and_grad_reports_missing_gradients_on_request():

@@ -344,26 +344,13 @@ def dist_data_parallel_contract() -> dict:
 
 
 def frozen_training_on(mesh: fdp.Mesh) -> dict:
-    """data_parallel_step with a frozen layer, a tied weight and an unused parameter, AdamW."""
-    from tests.test_frozen_and_unused import _partly
+    """data_parallel_step with a frozen layer, a tied weight and an unused parameter, clipped
+    AdamW, two microbatches."""
+    from tests.test_frozen_and_unused import frozen_batches, frozen_training
 
-    module = _partly()
-    model = fdp.functionalize(module)
-
-    def loss_fn(params: dict, batch: dict) -> Any:
-        out, _ = model.apply(params, model.buffers, batch["x"])
-        return (out - batch["y"]).square().mean()
-
-    g = torch.Generator().manual_seed(1)
     optimizer = fdp.optim.chain(fdp.optim.clip_by_global_norm(0.5),
                                 fdp.optim.adamw(0.01, weight_decay=0.1))
-    step = fdp.data_parallel_step(loss_fn, optimizer, mesh, microbatches=2)
-    state = fdp.TrainState.create(model.params, optimizer)
-    for _ in range(3):
-        batch = {"x": torch.randn(7, 4, dtype=torch.float64, generator=g),
-                 "y": torch.randn(7, 6, dtype=torch.float64, generator=g)}
-        state, _ = step(state, batch)
-    return state.params
+    return frozen_training(mesh, optimizer, 2, frozen_batches())[0]
 
 
 def dist_frozen_training() -> dict:
