@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -93,8 +94,9 @@ def value_and_grad(
             ``requires_grad=False`` in the module that :func:`fdp.functionalize` wrapped):
             ``"zeros"`` (default, ``torch.func.grad``'s) or ``"none"`` (``torch.autograd``'s;
             :mod:`fdp.optim` then leaves the parameter as ``torch.optim`` leaves one whose
-            ``.grad`` is ``None``). Under ``torch.func`` transforms and ``torch.compile`` the
-            gradient cannot tell, and is zeros.
+            ``.grad`` is ``None``). Under ``torch.compile`` the set of missing gradients
+            comes from one eager run per batch shape (a graph break); under ``torch.func``
+            transforms the gradient cannot tell, and is zeros.
 
     The returned function also takes keyword-only ``key`` (an :mod:`fdp.random` key: every
     replica's ``loss_fn`` runs in ``fdp.random.key_context(key)``, so keyed layers such as
@@ -131,6 +133,7 @@ def value_and_grad(
 
     split_key = split if isinstance(split, str) else tuple(split)
     device = mesh.backend.home
+    probe = _MissingGradients(device) if unused == "none" else None
 
     def plan_for(params: dict, batch: Any, args: tuple, buffers: Any, key: Any,
                  row_offset: int) -> GradPlan:
@@ -152,7 +155,8 @@ def value_and_grad(
         def run(params: dict[str, torch.Tensor], batch: Any, *args: Any,
                 key: torch.Tensor | None = None, row_offset: int = 0) -> tuple[Any, dict]:
             plan = plan_for(params, batch, args, None, key, row_offset)
-            return _call_backend(mesh, plan, params, batch)
+            return _missing_as_none(_call_backend(mesh, plan, params, batch), probe, plan,
+                                    params, batch)
 
         return run
 
@@ -161,7 +165,8 @@ def value_and_grad(
                          row_offset: int = 0) -> tuple[Any, dict]:
         _check.param_dict(buffers, "value_and_grad", "buffers")
         plan = plan_for(params, batch, args, buffers, key, row_offset)
-        return _call_backend(mesh, plan, params, batch)
+        return _missing_as_none(_call_backend(mesh, plan, params, batch), probe, plan, params,
+                                batch)
 
     return run_with_buffers
 
@@ -179,6 +184,67 @@ def _call_backend(mesh: Mesh, plan: GradPlan, params: dict, batch: Any) -> tuple
             f"fdp.nn.convert_sync_batchnorm(module) (statistics over the whole batch), a larger "
             f"batch, or eval mode"
         ) from e
+
+
+def _missing_as_none(result: tuple[Any, dict], probe: _MissingGradients | None, plan: GradPlan,
+                     params: Params, batch: Any) -> tuple[Any, dict]:
+    """With ``unused="none"`` under torch.compile (which differentiates with torch.func, where a
+    missing gradient is zeros): the gradients an eager run finds missing become ``None``."""
+    if probe is None:
+        return result
+    if not torch.compiler.is_compiling():
+        return result
+    out, grads = result
+    signature = probe.signature(plan, params, batch)
+    # dynamo guards on the membership: after the first call (the probe, across a graph break)
+    # this frame compiles again and reads the kept answer
+    missing = (probe.known[signature] if signature in probe.known
+               else probe(plan, params, batch))
+    return out, {k: None if k in missing else g for k, g in grads.items()}
+
+
+class _MissingGradients:
+    """Which parameters get no gradient from a plan's loss, found by one eager run per shape.
+
+    torch.compile calls it across a graph break on the first call per batch shape; the code it
+    compiles next reads the kept answer (dynamo guards on it), so later calls run whole. The
+    run is the loss on the whole batch as one replica (collectives see an axis of size 1), on
+    the mesh's home device, with torch's random state restored afterwards.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.known: dict[tuple, frozenset[str]] = {}
+
+    def signature(self, plan: GradPlan, params: Params, batch: Any) -> tuple:
+        leaves, treedef = _tree.flatten((batch, plan.args, plan.buffers))
+        return (tuple(params), str(treedef), tuple(
+            (tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else x for x in leaves
+            if isinstance(x, torch.Tensor | int | float | bool | str | None)))
+
+    @torch.compiler.disable
+    def __call__(self, plan: GradPlan, params: Params, batch: Any) -> frozenset[str]:
+        signature = self.signature(plan, params, batch)
+        missing = self.known.get(signature)
+        if missing is None:
+            missing = self._keep(signature, self._run(plan, params, batch))
+        return missing
+
+    def _keep(self, signature: tuple, missing: frozenset[str]) -> frozenset[str]:
+        if len(self.known) > 256:
+            self.known.clear()
+        self.known[signature] = missing
+        return missing
+
+    def _run(self, plan: GradPlan, params: Params, batch: Any) -> frozenset[str]:
+        from fdp.backends.vmap import VmapBackend  # the backends import this module's users
+
+        one = dataclasses.replace(plan, layout=Layout((plan.layout.total,), plan.layout.dim),
+                                  unused="none")
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            _, grads = VmapBackend(1, self.device).value_and_grad(one, params, batch)
+        return frozenset(k for k, g in grads.items() if g is None)
 
 
 def _key_scope(key: torch.Tensor, row_offset: int) -> AbstractContextManager[None]:

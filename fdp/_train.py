@@ -13,7 +13,14 @@ from fdp._grad import value_and_grad
 from fdp._mesh import Mesh
 from fdp._tree import Params
 from fdp.backends._base import SplitLoss
-from fdp.backends._options import BufferPolicy, Randomness, Reduction, SplitRule, Strategy
+from fdp.backends._options import (
+    BufferPolicy,
+    Randomness,
+    Reduction,
+    SplitRule,
+    Strategy,
+    Unused,
+)
 from fdp.optim import apply_updates
 from fdp.random import _key_words, fold_in
 
@@ -88,6 +95,7 @@ def data_parallel_step(
     buffer_policy: BufferPolicy | None = None,
     randomness: Randomness = "error",
     key: torch.Tensor | None = None,
+    unused: Unused = "none",
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]:
     """Builds ``step(state, batch) -> (new_state, metrics)``: one data-parallel update.
 
@@ -122,10 +130,13 @@ def data_parallel_step(
             (``((loss, aux), new_buffers)`` with ``has_aux``) and the step stores the kept
             buffers in the new state. See docs/training.md.
 
-    A parameter that gets no gradient — frozen (``requires_grad=False`` in the module that
-    :func:`fdp.functionalize` wrapped) or unused by the loss — is left as ``torch.optim`` leaves
-    one whose ``.grad`` is ``None``: no update, no weight decay, its optimizer state unchanged
-    (eager; under ``torch.compile`` it gets a zero gradient instead).
+        unused: ``"none"`` (default): a parameter that gets no gradient — frozen
+            (``requires_grad=False`` in the module that :func:`fdp.functionalize` wrapped) or
+            unused by the loss — is left as ``torch.optim`` leaves one whose ``.grad`` is
+            ``None``: no update, no weight decay, its optimizer state unchanged. Under
+            ``torch.compile`` this costs a graph break on the first call per batch shape,
+            which ``fullgraph=True`` refuses; ``"zeros"`` gives such parameters a zero
+            gradient instead (as ``torch.func.grad``), with no graph break.
 
     Returns:
         ``step(state, batch)``; ``metrics`` holds ``"loss"`` (the full batch's loss) and
@@ -165,10 +176,9 @@ def data_parallel_step(
     if with_buffers and isinstance(loss_fn, SplitLoss):
         raise TypeError("data_parallel_step: with_buffers=True takes a plain loss_fn(params, "
                         "buffers, batch), not a split_loss")
-    # a parameter without a gradient (frozen or unused) is left as torch.optim leaves it
     grad_fn = value_and_grad(fn, mesh, has_aux, strategy=strategy, split=split, dim=dim,
                              reduction=reduction, randomness=randomness,
-                             buffer_policy=buffer_policy, unused="none")
+                             buffer_policy=buffer_policy, unused=unused)
     if microbatches != 1:
         grad_fn = accumulate(grad_fn, microbatches, has_aux=has_aux, dim=dim,
                              reduction=reduction)

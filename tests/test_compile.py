@@ -124,3 +124,16 @@ def test_compiled_apply_keeps_buffers_the_module_reassigns():
     compiled = torch.compile(model.apply)(model.params, model.buffers, x)[1]
     assert int(compiled["1.num_batches_tracked"]) == 1
     torch.testing.assert_close(compiled, eager)
+
+
+def test_compiled_step_with_zero_gradients_for_missing_ones_compiles_whole():
+    model, loss = _classifier()
+    optimizer = fdp.optim.adamw(0.01, weight_decay=0.1)
+    state = fdp.TrainState.create(model.params, optimizer)
+    batch = {"x": torch.randn(8, 5, dtype=f64), "y": torch.randint(0, 3, (8,))}
+    step = fdp.data_parallel_step(loss, optimizer, fdp.Mesh(4), unused="zeros")
+    compiled, _ = torch.compile(step, fullgraph=True)(state, batch)
+    eager, _ = step(state, batch)
+    assert_close(compiled.params, eager.params, F64_REL)
+    with pytest.raises(ValueError, match="unused"):
+        fdp.data_parallel_step(loss, optimizer, fdp.Mesh(4), unused="skip")

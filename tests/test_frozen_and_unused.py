@@ -138,8 +138,8 @@ def frozen_batches() -> list[dict]:
              "y": torch.randn(7, 6, dtype=f64, generator=g)} for _ in range(3)]
 
 
-def frozen_training(mesh: fdp.Mesh, optimizer: Any, microbatches: int, batches: list[dict]
-                    ) -> tuple[dict, dict]:
+def frozen_training(mesh: fdp.Mesh, optimizer: Any, microbatches: int, batches: list[dict],
+                    compile: bool = False) -> tuple[dict, dict]:
     """``(params after data_parallel_step on each batch, params before)`` for ``_partly``."""
     model = fdp.functionalize(_partly())
 
@@ -148,6 +148,8 @@ def frozen_training(mesh: fdp.Mesh, optimizer: Any, microbatches: int, batches: 
         return (out - batch["y"]).square().mean()
 
     step = fdp.data_parallel_step(loss_fn, optimizer, mesh, microbatches=microbatches)
+    if compile:
+        step = torch.compile(step)
     state = fdp.TrainState.create(model.params, optimizer)
     for batch in batches:
         state, _ = step(state, batch)
@@ -171,6 +173,21 @@ def test_training_leaves_frozen_and_unused_parameters_as_torch_optim(mesh, micro
     assert_close(got, want, F64_REL)
     for name_ in ("stem.weight", "stem.bias", "spare"):  # exactly as they were
         assert torch.equal(got[name_], before[name_])
+
+
+@pytest.mark.parametrize("microbatches", [2])  # [1] is the same probe, one call per step
+def test_compiled_training_leaves_frozen_and_unused_parameters_as_torch_optim(microbatches):
+    torch._dynamo.reset()
+    batches = frozen_batches()
+    batches.append({k: v[:5] for k, v in batches[0].items()})  # a new shape: a new probe
+    got, before = frozen_training(fdp.Mesh(3), optim.adamw(0.01, weight_decay=0.1),
+                                  microbatches, batches, compile=True)
+    want = _torch_training(_partly(), batches,
+                           lambda p: torch.optim.AdamW(p, 0.01, weight_decay=0.1), None)
+    assert_close(got, want, F64_REL)
+    for name_ in ("stem.weight", "stem.bias", "spare"):  # exactly as they were
+        assert torch.equal(got[name_], before[name_])
+    torch._dynamo.reset()
 
 
 def test_value_and_grad_reports_missing_gradients_on_request():

@@ -48,15 +48,19 @@ class AxisFrame:
     tape: bool = False
 
 
-_state = threading.local()
+class _ThreadFrames(threading.local):
+    # set in __init__ (once per thread) rather than on first use: torch.compile would guard
+    # on the attribute's presence and compile the first call of a process twice
+    def __init__(self) -> None:
+        self.frames: list[AxisFrame] = []
+
+
+_state = _ThreadFrames()
 
 
 def bound_frames() -> list[AxisFrame]:
     """This thread's bound frames, innermost last."""
-    if not hasattr(_state, "frames"):
-        _state.frames = []
-    frames: list[AxisFrame] = _state.frames
-    return frames
+    return _state.frames
 
 
 @contextmanager

@@ -65,7 +65,7 @@ class GradPlan:
         key_scope: binds ``key`` around a replica's forward (given with ``key``).
         unused: the gradient of a parameter no replica's loss depends on: zeros, or ``None``
             (where the backend can tell: tape autograd; under ``torch.func`` transforms and
-            ``torch.compile`` it is zeros).
+            ``torch.compile`` it is zeros; :func:`fdp.value_and_grad` then sets ``None``).
     """
 
     loss: Callable[..., Any]
