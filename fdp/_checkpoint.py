@@ -4,27 +4,44 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from fdp import _tree
+from fdp._mesh import Mesh, check_mesh
 
 __all__ = ["load_checkpoint", "save_checkpoint"]
+
+T = TypeVar("T")
 
 FORMAT = "fdp-checkpoint-1"
 FILENAME = "state.pt"
 
 
-def save_checkpoint(directory: str | os.PathLike, state: Any) -> Path:
-    """Writes ``state`` (a pytree of tensors and plain values) to ``directory/state.pt``.
+def save_checkpoint(path: str | os.PathLike, state: Any, *, mesh: Mesh | None = None) -> Path:
+    """Writes ``state`` (a pytree of tensors and plain values) to a checkpoint file.
 
-    The file is written to a temporary name in the same directory and then renamed over the
-    old one, so an interrupted save leaves the previous checkpoint intact. The payload holds
-    only tensors, strings and numbers, keyed by key path, plus a SHA-256 digest of the tensor
-    bytes; :func:`load_checkpoint` reads it with ``torch.load(weights_only=True)``.
+    ``path`` is a folder (the file is ``path/state.pt``) or a file: an existing file, or a
+    name ending in ``.pt``/``.pth`` that is not an existing folder. The file is written to a
+    temporary name in the same folder and then renamed over the old one, so an interrupted
+    save leaves the previous checkpoint intact, and concurrent saves into one folder (threads
+    or processes) each complete: the file then holds one of the states whole, the one renamed
+    last. The payload holds only tensors, strings and numbers, keyed by key path, plus a
+    SHA-256 digest of the tensor bytes; :func:`load_checkpoint` reads it with
+    ``torch.load(weights_only=True)``.
+
+    Args:
+        path: the checkpoint folder or file.
+        state: the pytree to save (e.g. a :class:`fdp.TrainState`).
+        mesh: on a mesh whose replicas live in several processes (``fdp.Mesh.distributed()``),
+            pass it from every process: the state is replicated, so process 0 writes and the
+            others wait until the file is in place (every process raises if the write
+            failed). Without ``mesh``, every process that calls this writes.
 
     Returns:
         The path of the checkpoint file.
@@ -36,21 +53,50 @@ def save_checkpoint(directory: str | os.PathLike, state: Any) -> Path:
         >>> fdp.load_checkpoint(d, like={"w": torch.zeros(2)})
         {'w': tensor([1., 1.])}
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if mesh is not None:
+        check_mesh(mesh, "save_checkpoint")
+    final, pairs = _together(mesh, "checking the arguments", lambda: _checked(path, state))
+    if mesh is None or mesh.backend.process_index == 0:
+        _together(mesh, "writing the file in process 0", lambda: _write(final, pairs))
+    else:
+        _together(mesh, "writing the file in process 0", lambda: None)
+    return final
+
+
+def _together(mesh: Mesh | None, what: str, task: Callable[[], T]) -> T:
+    """Runs ``task`` here; on a mesh of several processes, every process then raises if it
+    failed in any of them (so that none waits for a process that gave up)."""
+    try:
+        result = task()
+    except BaseException:
+        if mesh is not None:
+            mesh.backend.agree(False, "save_checkpoint")
+        raise
+    if mesh is not None and not mesh.backend.agree(True, "save_checkpoint"):
+        raise RuntimeError(f"save_checkpoint: {what} failed in another process of the mesh "
+                           f"(its error is in that process's log); the previous checkpoint is "
+                           f"intact")
+    return result
+
+
+def _checked(path: object, state: Any) -> tuple[Path, list[tuple[str, Any]]]:
+    final = _target(path, "save_checkpoint")
     pairs = _tree.leaves_with_path(state, "state")
-    for path, leaf in pairs:
+    for key, leaf in pairs:
         if not isinstance(leaf, (torch.Tensor, int, float, str, bool, type(None))):
-            raise TypeError(f"save_checkpoint: {path} is a {type(leaf).__name__}; checkpoints "
-                            f"hold tensors, numbers, strings and None")
+            raise TypeError(f"save_checkpoint: {key} is a {type(leaf).__name__}; "
+                            f"checkpoints hold tensors, numbers, strings and None")
+    return final, pairs
+
+
+def _write(final: Path, pairs: list[tuple[str, Any]]) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
     leaves = [_own_storage(leaf.detach().cpu()) if isinstance(leaf, torch.Tensor) else leaf
               for _, leaf in pairs]
     payload = {"format": FORMAT, "paths": [p for p, _ in pairs], "leaves": leaves,
                "sha256": _digest(leaves)}
-    final = directory / FILENAME
-    for stale in directory.glob(f".{FILENAME}.*.tmp"):  # left by a process that was killed
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{FILENAME}.", suffix=".tmp", dir=directory)
+    _remove_stale_temps(final)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(final), suffix=".tmp", dir=final.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
@@ -61,30 +107,83 @@ def save_checkpoint(directory: str | os.PathLike, state: Any) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_directory(directory)
-    return final
+    _fsync_directory(final.parent)
 
 
-def load_checkpoint(directory: str | os.PathLike, like: Any) -> Any:
-    """Reads the checkpoint in ``directory`` into the structure of ``like``.
+def load_checkpoint(path: str | os.PathLike, like: Any) -> Any:
+    """Reads the checkpoint at ``path`` (a folder or file, as :func:`save_checkpoint` takes)
+    into the structure of ``like``.
 
     ``like`` (e.g. a freshly created state) fixes the tree structure, dtypes, shapes and
-    devices; the checkpoint must have exactly the same key paths, dtypes and shapes.
+    devices; the checkpoint must have exactly the same key paths, dtypes and shapes. A leaf
+    of ``like`` on the ``meta`` device (a structure without values) loads onto the CPU.
 
     Raises:
-        FileNotFoundError: no checkpoint in ``directory``.
+        FileNotFoundError: no checkpoint at ``path``.
         ValueError: the file is corrupt or truncated, or its structure differs from ``like``
             (the message names the first differing key path).
     """
-    path = Path(directory) / FILENAME
-    if not path.exists():
-        raise FileNotFoundError(f"load_checkpoint: no checkpoint at {path}")
-    payload = _read(path)
+    file = _target(path, "load_checkpoint")
+    if not file.is_file():
+        raise FileNotFoundError(f"load_checkpoint: no checkpoint at {file}")
+    payload = _read(file)
     want = _tree.leaves_with_path(like, "state")
-    _check_structure(path, payload["paths"], payload["leaves"], want)
-    leaves = [stored.to(ref.device) if isinstance(ref, torch.Tensor) else stored
+    _check_structure(file, payload["paths"], payload["leaves"], want)
+    leaves = [stored.to(_load_device(ref)) if isinstance(ref, torch.Tensor) else stored
               for stored, (_, ref) in zip(payload["leaves"], want, strict=True)]
     return _tree.unflatten(leaves, _tree.flatten(like)[1])
+
+
+def _load_device(ref: torch.Tensor) -> torch.device:
+    return torch.device("cpu") if ref.device.type == "meta" else ref.device
+
+
+def _target(path: object, fn: str) -> Path:
+    """The checkpoint file ``path`` names: ``path/state.pt`` for a folder, else ``path``."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{fn}: path must be a str or os.PathLike (a folder or a .pt file), "
+                        f"got {type(path).__name__}")
+    p = Path(path)
+    if p.is_dir():
+        return p / FILENAME
+    if p.exists() and not p.is_file():
+        raise ValueError(f"{fn}: {p} is neither a folder nor a file; pass a folder (the "
+                         f"checkpoint is its {FILENAME}) or a .pt file")
+    if p.is_file() or p.suffix in (".pt", ".pth"):
+        if p.parent.exists() and not p.parent.is_dir():
+            raise ValueError(f"{fn}: {p.parent} is a file, not a folder")
+        return p
+    return p / FILENAME
+
+
+def _temp_prefix(final: Path) -> str:
+    """Temporary files name their host and process, so a save removes only those that a
+    dead process on this host left (never another live save's)."""
+    return f".{final.name}.{_host()}.{os.getpid()}."
+
+
+def _remove_stale_temps(final: Path) -> None:
+    for temp in final.parent.glob(f".{final.name}.*.tmp"):
+        parts = temp.name[len(final.name) + 2:].split(".")
+        if len(parts) >= 3 and parts[0] == _host() and parts[1].isdigit() \
+                and not _alive(int(parts[1])):
+            temp.unlink(missing_ok=True)
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "_") or "host"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _read(path: Path) -> dict:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -131,7 +136,91 @@ def test_views_are_saved_without_their_base(tmp_path):
     assert torch.equal(loaded["b"], base[2:4])
 
 
-def test_stale_temp_files_are_cleaned(tmp_path):
-    (tmp_path / ".state.pt.abc.tmp").write_bytes(b"left by a killed process")
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid  # exited and reaped: no process has it (until the OS reuses it)
+
+
+def test_temp_files_of_dead_processes_are_cleaned_and_live_ones_kept(tmp_path):
+    host = ckpt._host()
+    dead = tmp_path / f".state.pt.{host}.{_dead_pid()}.abc.tmp"
+    live = tmp_path / f".state.pt.{host}.{os.getppid()}.abc.tmp"  # a live process's save
+    other_host = tmp_path / ".state.pt.elsewhere.1.abc.tmp"  # cannot tell: kept
+    for temp in (dead, live, other_host):
+        temp.write_bytes(b"partial")
     fdp.save_checkpoint(tmp_path, {"w": torch.ones(1)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [live.name, other_host.name, "state.pt"])
+
+
+def _states(n: int) -> list[dict]:
+    return [{"w": torch.full((64, 64), float(i)), "step": torch.tensor(i)} for i in range(n)]
+
+
+def test_concurrent_saves_into_one_folder_all_succeed(tmp_path):
+    states = _states(4)
+    errors: list[BaseException] = []
+
+    def save_many(state: dict) -> None:
+        try:
+            for _ in range(15):
+                fdp.save_checkpoint(tmp_path, state)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=save_many, args=(s,)) for s in states]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    loaded = fdp.load_checkpoint(tmp_path, like=states[0])
+    assert any(torch.equal(loaded["w"], s["w"]) and torch.equal(loaded["step"], s["step"])
+               for s in states)  # one state, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]
+
+
+_SAVER = """
+import sys, torch, fdp
+value = float(sys.argv[2])
+for _ in range(20):
+    fdp.save_checkpoint(sys.argv[1], {"w": torch.full((256, 256), value)})
+"""
+
+
+def test_concurrent_saves_from_processes_all_succeed(tmp_path):
+    procs = [subprocess.Popen([sys.executable, "-c", _SAVER, str(tmp_path), str(v)],
+                              stderr=subprocess.PIPE, text=True) for v in (1, 2)]
+    outputs = [p.communicate(timeout=120)[1] for p in procs]
+    results = [(p.returncode, err) for p, err in zip(procs, outputs, strict=True)]
+    assert all(code == 0 for code, _ in results), results
+    w = fdp.load_checkpoint(tmp_path, like={"w": torch.zeros(256, 256)})["w"]
+    assert torch.equal(w, torch.ones(256, 256)) or torch.equal(w, torch.full((256, 256), 2.0))
+
+
+def test_a_checkpoint_file_path_works_for_save_and_load(tmp_path):
+    state = {"w": torch.arange(3.0)}
+    assert fdp.save_checkpoint(tmp_path / "run" / "model.pt", state) == tmp_path / "run" / \
+        "model.pt"
+    assert torch.equal(fdp.load_checkpoint(tmp_path / "run" / "model.pt", like=state)["w"],
+                       state["w"])
+    folder_file = fdp.save_checkpoint(tmp_path, state)  # the folder's state.pt
+    assert torch.equal(fdp.load_checkpoint(folder_file, like=state)["w"], state["w"])
+    fdp.save_checkpoint(folder_file, {"w": torch.ones(3)})  # over the existing file
+    assert torch.equal(fdp.load_checkpoint(tmp_path, like=state)["w"], torch.ones(3))
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*other\.pt"):
+        fdp.load_checkpoint(tmp_path / "other.pt", like=state)
+    with pytest.raises(TypeError, match=r"path must be a str or os\.PathLike"):
+        fdp.save_checkpoint(3, state)
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        fdp.save_checkpoint(folder_file / "x.pt", state)
+
+
+def test_meta_tensors_in_like_load_the_values_onto_the_cpu(tmp_path):
+    state = {"w": torch.randn(4, 3), "b": torch.randn(3)}
+    fdp.save_checkpoint(tmp_path, state)
+    like = {k: torch.empty_like(v, device="meta") for k, v in state.items()}
+    loaded = fdp.load_checkpoint(tmp_path, like=like)
+    assert all(loaded[k].device.type == "cpu" and torch.equal(loaded[k], state[k])
+               for k in state)

@@ -176,6 +176,16 @@ class Backend(ABC):
         """The communicator collectives use inside :meth:`map` (``None``: vmap rules)."""
         return None
 
+    @property
+    def process_index(self) -> int:
+        """This process's index among the processes that hold the mesh (0 in one process)."""
+        return 0
+
+    def agree(self, ok: bool, fn: str) -> bool:
+        """Whether ``ok`` holds in every process that holds the mesh: a collective that all
+        of them call (e.g. after process 0 wrote a checkpoint); ``fn`` names it in errors."""
+        return ok
+
     def placement(self) -> str:
         """Where the replicas are, as ``Mesh``'s repr shows it."""
         return f"devices={[str(d) for d in self.devices]!r}"

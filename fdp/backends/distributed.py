@@ -143,6 +143,15 @@ class DistributedBackend(SpmdBackend):
         return self._comm
 
     @property
+    def process_index(self) -> int:
+        return self.rank
+
+    def agree(self, ok: bool, fn: str) -> bool:
+        flag = torch.tensor([int(ok)], dtype=torch.int64, device=self.device)
+        self._comm.check([fn, "agree"], fn)  # every rank is at the same call, or a clear error
+        return bool(self._comm._all_reduce(flag, "min", fn).item())
+
+    @property
     def home(self) -> torch.device:
         return self.device
 
