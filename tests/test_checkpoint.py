@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,3 +225,58 @@ def test_meta_tensors_in_like_load_the_values_onto_the_cpu(tmp_path):
     loaded = fdp.load_checkpoint(tmp_path, like=like)
     assert all(loaded[k].device.type == "cpu" and torch.equal(loaded[k], state[k])
                for k in state)
+
+
+_RESUME = """
+import sys, torch, fdp
+from tests.test_checkpoint import COMBOS, _setup_on, _run
+folder, phase = sys.argv[1], sys.argv[2]
+for name in COMBOS:
+    model, optimizer, step, data = _setup_on(*COMBOS[name])
+    start = fdp.TrainState.create(model.params, optimizer, seed=7)
+    if phase == "first":
+        fdp.save_checkpoint(f"{folder}/{name}", _run(step, start, data, 3))
+    else:
+        restored = fdp.load_checkpoint(f"{folder}/{name}", like=start)
+        fdp.save_checkpoint(f"{folder}/{name}-end", _run(step, restored, data, 5))
+"""
+
+COMBOS = {f"{kind}-{str(dtype)[6:]}": (kind, dtype) for kind in ("vmap", "threads")
+          for dtype in (torch.float32, torch.float64)}
+
+
+def _setup_on(kind: str, dtype: torch.dtype):
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).to(dtype)
+    model = fdp.functionalize(module)
+
+    def loss_fn(params, batch):
+        out, _ = model.apply(params, model.buffers, batch["x"])
+        return nn.functional.cross_entropy(out, batch["y"])
+
+    optimizer = fdp.optim.adam(fdp.optim.cosine_decay_schedule(1e-2, 20))
+    mesh = fdp.Mesh(3) if kind == "vmap" else fdp.Mesh(devices=["cpu"] * 3)
+    step = fdp.data_parallel_step(loss_fn, optimizer, mesh)
+    g = torch.Generator().manual_seed(1)
+    data = {"x": torch.randn(50, 4, generator=g, dtype=dtype),
+            "y": torch.randint(0, 3, (50,), generator=g)}
+    return model, optimizer, step, data
+
+
+def test_resuming_in_new_processes_is_bitwise_on_vmap_and_threads(tmp_path):
+    """Each phase runs in a fresh process, so the resumed steps are that process's first
+    calls (a threads mesh once differed there in float32)."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for phase in ("first", "second"):
+        out = subprocess.run([sys.executable, "-c", _RESUME, str(tmp_path), phase],
+                             capture_output=True, text=True, timeout=300, env=env, cwd=root)
+        assert out.returncode == 0, out.stderr[-3000:]
+    for name, combo in COMBOS.items():
+        model, optimizer, step, data = _setup_on(*combo)
+        start = fdp.TrainState.create(model.params, optimizer, seed=7)
+        straight = _run(step, start, data, 8)
+        resumed = fdp.load_checkpoint(tmp_path / f"{name}-end", like=start)
+        for a, b in zip(fdp.tree.flatten(resumed)[0], fdp.tree.flatten(straight)[0],
+                        strict=True):
+            assert torch.equal(a, b), name

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -375,3 +377,64 @@ def test_an_extra_collective_on_one_replica_is_named():
 
     with pytest.raises(TimeoutError, match=r"replica\(s\) 1 waited .* finished without"):
         fdp.pmap(body, mesh)(torch.ones(2))
+
+
+def test_timed_out_replica_threads_end_instead_of_piling_up():
+    before = {t.ident for t in threading.enumerate()}
+    mesh = fdp.Mesh(devices=["cpu"] * 2, timeout=0.3)
+
+    def body(v):
+        if int(fdp.axis_index("dp")) == 0:
+            end = time.monotonic() + 30
+            while time.monotonic() < end:  # stuck in Python code, never reaching the psum
+                pass
+        return fdp.psum(v, "dp")
+
+    for _ in range(4):
+        with pytest.raises(TimeoutError, match="replica 0"):
+            fdp.pmap(body, mesh)(torch.ones(2))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and \
+            {t.ident for t in threading.enumerate()} - before:
+        time.sleep(0.05)
+    assert not [t.name for t in threading.enumerate() if t.ident not in before]
+    assert torch.equal(fdp.pmap(lambda v: fdp.psum(v, "dp"), mesh)(torch.ones(2)),
+                       torch.full((2,), 2.0))
+
+
+def test_a_replica_runs_on_the_same_thread_every_step():
+    mesh = threads_mesh(3)
+    idents: list[list[int]] = []
+    for _ in range(4):
+        step: list[int] = [0] * 3
+
+        def body(v, step=step):
+            step[int(fdp.axis_index("dp"))] = threading.get_ident()
+            return v
+
+        fdp.pmap(body, mesh)(torch.ones(3))
+        idents.append(step)
+    assert all(s == idents[0] for s in idents) and len(set(idents[0])) == 3
+
+
+_FIRST_CALLS = """
+import torch, fdp
+from torch import nn
+torch.manual_seed(0)
+net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+model = fdp.functionalize(net)
+def loss_fn(p, b):
+    return nn.functional.cross_entropy(model.apply(p, model.buffers, b["x"])[0], b["y"])
+batch = {"x": torch.randn(37, 3, 8, 8), "y": torch.randint(0, 4, (37,))}
+vg = fdp.value_and_grad(loss_fn, fdp.Mesh(devices=["cpu"] * 3))
+runs = [vg(model.params, batch) for _ in range(3)]
+same = all(torch.equal(r[0], runs[0][0]) and all(torch.equal(r[1][k], runs[0][1][k])
+           for k in r[1]) for r in runs)
+print("bitwise" if same else "differ")
+"""
+
+
+def test_the_first_call_in_a_process_is_bitwise_equal_to_later_ones():
+    out = subprocess.run([sys.executable, "-c", _FIRST_CALLS], capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.strip() == "bitwise", out.stderr[-2000:]

@@ -15,7 +15,6 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
@@ -27,6 +26,7 @@ from fdp.backends._comm import Communicator
 from fdp.backends._options import ReduceOp
 from fdp.backends._spmd import SpmdBackend
 from fdp.backends._stacked import StackedPlacement
+from fdp.backends._workers import ReplicaThreads
 
 
 class ReplicaAborted(RuntimeError):
@@ -243,7 +243,7 @@ class ThreadsBackend(SpmdBackend, StackedPlacement):
         self.timeout = timeout
         self.repeats_ok = repeats_ok  # a vmap mesh's general executor: all on one device
         self._comm = ThreadComm(devices, timeout)
-        self._pool: ThreadPoolExecutor | None = None
+        self._workers: ReplicaThreads | None = None
         self._lock = threading.Lock()  # one step at a time per mesh
         self._inside = threading.local()
 
@@ -283,10 +283,10 @@ class ThreadsBackend(SpmdBackend, StackedPlacement):
                 "the inner call as a vmap"
             )
         with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.size, thread_name_prefix="fdp-replica")
+            if self._workers is None:
+                self._workers = ReplicaThreads(self.size)
             comm, state = self._comm, _ThreadState.capture()
-            futures = [self._pool.submit(self._replica, fn, r, comm, state)
+            futures = [self._workers.submit(r, self._replica, fn, r, comm, state)
                        for r in range(self.size)]
             deadline = time.monotonic() + self.timeout
             outcomes = []
@@ -301,10 +301,10 @@ class ThreadsBackend(SpmdBackend, StackedPlacement):
         waiting = comm.waiting | {r for sub in comm._subsets.values()
                                   for r in (sub.replicas[i] for i in sub.waiting)}
         stuck = [r for r, f in enumerate(futures) if not f.done() and r not in waiting]
-        comm.abort()
-        assert self._pool is not None
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._pool = None  # a stuck thread keeps its worker; start fresh ones
+        comm.abort()  # replicas waiting in a collective raise ReplicaAborted and end
+        assert self._workers is not None
+        self._workers.retire(stuck, ReplicaAborted)  # the next step starts fresh threads
+        self._workers = None
         self._comm = ThreadComm(self.devices, self.timeout)
         if not stuck:  # everyone else finished: the waiting ones made a call the others did not
             names = ", ".join(str(r) for r in sorted(waiting))
