@@ -7,7 +7,19 @@ single-device training. See ``docs/index.md``.
 from fdp import interop, nn, optim, random, testing, tree
 from fdp._accumulate import accumulate
 from fdp._checkpoint import load_checkpoint, save_checkpoint
-from fdp._collectives import all_gather, axis_index, axis_size, pmax, pmean, pmin, psum
+from fdp._collectives import (
+    all_gather,
+    all_to_all,
+    axis_index,
+    axis_size,
+    pmax,
+    pmean,
+    pmin,
+    ppermute,
+    pshuffle,
+    psum,
+    psum_scatter,
+)
 from fdp._data_parallel import DataParallel
 from fdp._functionalize import Model, functionalize
 from fdp._grad import SplitLoss, split_loss, value_and_grad
@@ -31,6 +43,7 @@ __all__ = [
     "accumulate",
     "all_gather",
     "all_reduce",
+    "all_to_all",
     "axis_index",
     "axis_size",
     "data_parallel_step",
@@ -44,7 +57,10 @@ __all__ = [
     "pmax",
     "pmean",
     "pmin",
+    "ppermute",
+    "pshuffle",
     "psum",
+    "psum_scatter",
     "random",
     "replicate",
     "save_checkpoint",

@@ -218,7 +218,8 @@ class DataParallel(nn.Module):
                       in_axes=(None, 0, None if counts is None else 0, 0),
                       randomness=call.randomness)
         res = mapped(call.params, replicate(call.buffers, mesh), counts, sharded)
-        out, new_buffers, dims = res.data
+        out, new_buffers, static = res.data
+        dims = static.dims
         keep = [i for i, s in enumerate(layout.sizes) if s > 0]
         return (_gather_outputs(out, dims, layout, mesh),
                 {k: v[keep] if len(keep) < mesh.size else v for k, v in new_buffers.items()})

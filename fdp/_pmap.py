@@ -334,7 +334,9 @@ def _run(fn: Callable[..., Any], mesh: Mesh, name: str, out_axes: Axes, treedef:
 
     results = iter(mesh.backend.map(body, mapped, in_dims, randomness=randomness))
     out_def, static = _agreed_outputs(out_info["calls"])
-    leaves = [next(results) if is_tensor else x for is_tensor, x in static]
+    home, replicas = mesh.backend.home, mesh.backend.local_size
+    leaves = [next(results) if is_tensor else _replicated_number(x, replicas, home)
+              for is_tensor, x in static]
     outputs = _tree.unflatten(leaves, out_def)
     axes = _tree.broadcast_prefix(_align_prefix(out_axes, outputs, "out_axes", "outputs"), outputs,
                                   "out_axes", "outputs")
@@ -344,6 +346,15 @@ def _run(fn: Callable[..., Any], mesh: Mesh, name: str, out_axes: Axes, treedef:
     if layouts and all(a == 0 for a in axes):
         return Sharded(out, layouts[0])
     return out
+
+
+def _replicated_number(x: Any, replicas: int, device: torch.device) -> Any:
+    """A Python number that every replica returned comes back as a tensor with one entry per
+    replica, as ``jax.pmap`` returns it (strings, None and other static values stay as
+    they are)."""
+    if isinstance(x, (bool, int, float, complex)):
+        return torch.full((replicas,), x, device=device)
+    return x
 
 
 def _agreed_outputs(calls: list[tuple]) -> tuple[Any, list]:

@@ -352,9 +352,13 @@ def test_autocast_reaches_the_replica_threads():
 
 
 def test_integer_psum_has_one_dtype_on_every_backend():
+    """As JAX: integers keep their dtype; bools are counted (int64, as torch.sum)."""
     x = torch.tensor([1, 2], dtype=torch.int32)
     for mesh in (threads_mesh(2), fdp.Mesh(2)):
-        assert fdp.pmap(lambda v: fdp.psum(v, "dp"), mesh)(x).dtype == torch.int64
+        summed = fdp.pmap(lambda v: fdp.psum(v, "dp"), mesh)(x)
+        assert summed.dtype == torch.int32 and summed.tolist() == [3, 3]
+        counted = fdp.pmap(lambda v: fdp.psum(v, "dp"), mesh)(x > 1)
+        assert counted.dtype == torch.int64 and counted.tolist() == [1, 1]
 
 
 def test_replicas_must_agree_on_non_tensor_outputs_and_dtypes():

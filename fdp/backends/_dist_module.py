@@ -95,7 +95,7 @@ def run_module(comm: Communicator, device: torch.device, call: ModuleCall) -> Mo
     with bind_axis(frame):
         out, new_buffers, leaf_dims = replica_forward(call.apply, dim, m, call.axis_name)(
             used, buffers, count, local)
-    dims = dict(zip((path for path, _ in _tree.leaves_with_path(out, "out")), leaf_dims,
+    dims = dict(zip((path for path, _ in _tree.leaves_with_path(out, "out")), leaf_dims.dims,
                     strict=True))
     anchor = routed[0] if routed else torch.zeros(())
     real = layout.real_index(device)

@@ -22,7 +22,7 @@ from fdp.backends._frame import lookup
 from fdp.backends._options import BufferPolicy, Randomness
 
 __all__ = ["Apply", "Dims", "ModuleCall", "ModuleResult", "batch_dim", "batch_dims", "narrow",
-           "replica_forward"]
+           "replica_forward", "StaticDims"]
 
 FN = "DataParallel"
 Tensors = _tree.Params
@@ -72,8 +72,16 @@ class ModuleResult(NamedTuple):
 Dims = tuple[int | None, ...]
 
 
+@dataclass(frozen=True)
+class StaticDims:
+    """Output batch dims as one static value: ``fdp.pmap`` returns it as it is (a bare Python
+    int would come back as a tensor with one entry per replica, as in ``jax.pmap``)."""
+
+    dims: Dims
+
+
 def replica_forward(apply: Apply, dim: int, rows: int, axis_name: str
-                    ) -> Callable[..., tuple[Any, Tensors, Dims]]:
+                    ) -> Callable[..., tuple[Any, Tensors, StaticDims]]:
     """``run(params, buffers, count, (inputs, kwargs)) -> (out, new_buffers, dims)``: ``apply``
     on a replica's shard of ``rows`` (padded) rows; with ``count`` (ragged backends), on its
     ``count`` real rows only, the output padded back to ``rows`` so that the replicas' outputs
@@ -83,7 +91,7 @@ def replica_forward(apply: Apply, dim: int, rows: int, axis_name: str
     included)."""
 
     def run(params: Tensors, buffers: Tensors, count: torch.Tensor | None,
-            batch: tuple[tuple[Any, ...], dict[str, Any]]) -> tuple[Any, Tensors, Dims]:
+            batch: tuple[tuple[Any, ...], dict[str, Any]]) -> tuple[Any, Tensors, StaticDims]:
         n = rows if count is None else int(count)
         trim = 0 < n < rows  # a replica without rows runs on its padding; gather drops it
         inputs, kwargs = narrow(batch, dim, 0, n) if trim else batch
@@ -92,7 +100,7 @@ def replica_forward(apply: Apply, dim: int, rows: int, axis_name: str
         out, new_buffers = apply(params, buffers, *inputs, **kwargs)
         comm = None if count is None else lookup(axis_name, FN).comm
         dims = _agreed_dims(out, n if trim else rows, dim, comm)
-        return (_pad_rows(out, dims, n, rows) if trim else out), new_buffers, dims
+        return (_pad_rows(out, dims, n, rows) if trim else out), new_buffers, StaticDims(dims)
 
     return run
 

@@ -172,7 +172,7 @@ class ThreadComm(Communicator):
         then differentiates across replicas without any communication in backward)."""
         stacked = self.all_gather(x, f"psum/all_reduce({op}) [grad mode on]")
         if op == "sum":
-            return stacked.sum(0)
+            return stacked.sum(0, dtype=stacked.dtype)  # integers keep their dtype
         if op == "mean":
             return stacked.mean(0)
         return stacked.amax(0) if op == "max" else stacked.amin(0)

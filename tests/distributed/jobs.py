@@ -139,6 +139,33 @@ def collectives_on(mesh: fdp.Mesh, x: torch.Tensor, rows: torch.Tensor, axis: in
     return out
 
 
+def exchange_on(mesh: fdp.Mesh, x: torch.Tensor, perm: tuple[int, ...]) -> dict:
+    """The collectives that move parts of values (``x``: ``[replicas here, 2 * N, N]``), their
+    gradients (``torch.func.grad`` inside the replica), and JAX's integer semantics."""
+    n = mesh.size
+
+    def body(v: torch.Tensor) -> dict:
+        def moved(u: torch.Tensor) -> dict:
+            return {
+                "scatter": fdp.psum_scatter(u, "dp", scatter_dimension=1),
+                "scatter_tiled": fdp.psum_scatter(u, "dp", tiled=True),
+                "a2a": fdp.all_to_all(u, "dp", 1, 0),
+                "a2a_tiled": fdp.all_to_all(u, "dp", 0, 1, tiled=True),
+                "ppermute": fdp.ppermute(u, "dp", [(i, (i + 1) % n) for i in range(n - 1)]),
+                "pshuffle": fdp.pshuffle(u, "dp", list(perm)),
+            }
+
+        out = moved(v)
+        out["grad"] = torch.func.grad(
+            lambda u: sum((t.sin() * (k + 1)).sum() for k, t in enumerate(moved(u).values())))(v)
+        out["psum_int32"] = fdp.psum(torch.ones((), dtype=torch.int32), "dp")
+        out["pmean_int"] = fdp.pmean(fdp.axis_index("dp"), "dp")
+        out["number"] = torch.tensor(fdp.axis_size("dp"))
+        return out
+
+    return fdp.pmap(body, mesh)(x)
+
+
 # --- jobs (run in the pool's workers) -----------------------------------------------------------
 
 
@@ -155,6 +182,11 @@ def dist_collectives(x: torch.Tensor, rows: torch.Tensor, axis: int) -> dict:
     mesh = mesh_here()
     rank = dist.get_rank(fdp.launch.current_group())
     return collectives_on(mesh, x[rank:rank + 1], rows, axis)
+
+
+def dist_exchange(x: torch.Tensor, perm: tuple[int, ...]) -> dict:
+    rank = dist.get_rank(fdp.launch.current_group())
+    return exchange_on(mesh_here(), x[rank:rank + 1], perm)
 
 
 # --- buffer policies and aux ------------------------------------------------------------------

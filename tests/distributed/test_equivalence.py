@@ -96,6 +96,20 @@ def test_collectives_agree_across_backends(pool, case):
     assert torch.equal(ranks[0]["gathered"], rows)
 
 
+@given(n=st.integers(1, MAX_N), seed=st.integers(0, 2**16), data=st.data())
+def test_exchanges_agree_across_backends(pool, n, seed, data):
+    perm = tuple(data.draw(st.permutations(range(n))))
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2 * n, n, generator=gen, dtype=torch.float64)
+    vmapped = jobs.exchange_on(fdp.Mesh(n), x, perm)
+    threads = jobs.exchange_on(fdp.Mesh(devices=["cpu"] * n), x, perm)
+    ranks = pool.run(jobs.dist_exchange, n, args=(x, perm))
+    assert_close(threads, vmapped, F64_REL)
+    assert vmapped["psum_int32"].dtype == torch.int32 and vmapped["pmean_int"].is_floating_point()
+    for rank, got in enumerate(ranks):
+        assert_close(got, {k: v[rank:rank + 1] for k, v in vmapped.items()}, F64_REL)
+
+
 @pytest.mark.parametrize("n", [2, 3])
 def test_frozen_and_unused_parameters_stay_as_torch_optim_leaves_them(pool, n):
     want = jobs.frozen_training_on(fdp.Mesh(1))

@@ -1,4 +1,4 @@
-"""Named-axis collectives for use inside :func:`fdp.pmap` (vmap backend).
+"""The collectives' autograd functions: vmap rules (vmap backend) and communicator calls.
 
 Each :func:`fdp.pmap` call binds an *axis frame* for the duration of the mapped function: its
 name, size, and ``index``, a tensor that holds the replica index and is batched at exactly that
@@ -25,16 +25,17 @@ import torch
 from fdp import _tree
 from fdp._compat import in_functorch_transform
 from fdp.backends._comm import Communicator
-from fdp.backends._frame import AxisFrame, lookup
+from fdp.backends._frame import AxisFrame
 from fdp.backends._options import ReduceOp
+
+__all__ = ["AllGather", "AllReduce", "CommAllGather", "CommAllReduce", "guard_compile",
+           "on_shared_tape", "tree_collective"]
 
 InDims = tuple[int | None, ...]
 Batched = tuple[torch.Tensor, int | None]  # a vmap rule's output and its batch dim
 
-__all__ = ["all_gather", "axis_index", "axis_size", "pmax", "pmean", "pmin", "psum"]
 
-
-def _guard_compile(fn: str) -> None:
+def guard_compile(fn: str) -> None:
     if torch.compiler.is_compiling():
         raise RuntimeError(
             f"fdp.{fn} cannot be traced by torch.compile: the compiler drops custom vmap "
@@ -49,7 +50,7 @@ def _reduce(op: ReduceOp, x: torch.Tensor, dim: int | None, n: int) -> torch.Ten
             return x * n
         return x.clone()
     if op == "sum":
-        return x.sum(dim)
+        return x.sum(dim, dtype=x.dtype)  # integers keep their dtype, as in JAX
     if op == "mean":
         return x.mean(dim)
     if op == "max":
@@ -57,7 +58,7 @@ def _reduce(op: ReduceOp, x: torch.Tensor, dim: int | None, n: int) -> torch.Ten
     return x.amin(dim)
 
 
-class _AllReduce(torch.autograd.Function):
+class AllReduce(torch.autograd.Function):
     @staticmethod
     def forward(x: torch.Tensor, index: torch.Tensor, op: ReduceOp, n: int) -> torch.Tensor:
         raise RuntimeError("fdp internal error: collective evaluated outside its vmap level")
@@ -73,33 +74,33 @@ class _AllReduce(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple:
         if ctx.op in ("sum", "mean"):
-            return _AllReduce.apply(g, ctx.index, ctx.op, ctx.n), None, None, None
+            return AllReduce.apply(g, ctx.index, ctx.op, ctx.n), None, None, None
         # The replicas that hold the extreme value share the gradient equally (as torch.amax).
         x, y = ctx.saved_tensors
         hit = (x == y).to(g.dtype)
-        total = _AllReduce.apply(g, ctx.index, "sum", ctx.n)
-        ties = _AllReduce.apply(hit, ctx.index, "sum", ctx.n)
+        total = AllReduce.apply(g, ctx.index, "sum", ctx.n)
+        ties = AllReduce.apply(hit, ctx.index, "sum", ctx.n)
         return total * hit / ties, None, None, None
 
     @staticmethod
     def jvp(ctx: Any, x_t: torch.Tensor, *_: Any) -> torch.Tensor:
         if ctx.op in ("sum", "mean"):
-            return _AllReduce.apply(x_t, ctx.index, ctx.op, ctx.n)
+            return AllReduce.apply(x_t, ctx.index, ctx.op, ctx.n)
         x, y = ctx.saved_tensors
         hit = (x == y).to(x_t.dtype)
-        ties = _AllReduce.apply(hit, ctx.index, "sum", ctx.n)
-        return _AllReduce.apply(x_t * hit, ctx.index, "sum", ctx.n) / ties
+        ties = AllReduce.apply(hit, ctx.index, "sum", ctx.n)
+        return AllReduce.apply(x_t * hit, ctx.index, "sum", ctx.n) / ties
 
     @staticmethod
     def vmap(info: Any, in_dims: InDims, x: torch.Tensor, index: torch.Tensor, op: ReduceOp, n: int
              ) -> Batched:
         x_dim, index_dim = in_dims[0], in_dims[1]
         if index_dim is None:  # a vmap level inside the pmap: pass through
-            return _AllReduce.apply(x, index, op, n), x_dim
+            return AllReduce.apply(x, index, op, n), x_dim
         return _reduce(op, x, x_dim, n), None
 
 
-class _AllGather(torch.autograd.Function):
+class AllGather(torch.autograd.Function):
     @staticmethod
     def forward(x: torch.Tensor, index: torch.Tensor, axis: int, n: int) -> torch.Tensor:
         raise RuntimeError("fdp internal error: collective evaluated outside its vmap level")
@@ -110,13 +111,13 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple:
-        total = _AllReduce.apply(g, ctx.index, "sum", ctx.n)
+        total = AllReduce.apply(g, ctx.index, "sum", ctx.n)
         own = total.index_select(ctx.axis, ctx.index.reshape(1)).squeeze(ctx.axis)
         return own, None, None, None
 
     @staticmethod
     def jvp(ctx: Any, x_t: torch.Tensor, *_: Any) -> torch.Tensor:
-        return _AllGather.apply(x_t, ctx.index, ctx.axis, ctx.n)
+        return AllGather.apply(x_t, ctx.index, ctx.axis, ctx.n)
 
     @staticmethod
     def vmap(info: Any, in_dims: InDims, x: torch.Tensor, index: torch.Tensor, axis: int, n: int
@@ -124,13 +125,13 @@ class _AllGather(torch.autograd.Function):
         x_dim, index_dim = in_dims[0], in_dims[1]
         if index_dim is None:  # a vmap level inside the pmap: keep its batch dim in front
             assert x_dim is not None  # functorch calls the rule where an operand is batched
-            return _AllGather.apply(x.movedim(x_dim, 0), index, axis + 1, n), 0
+            return AllGather.apply(x.movedim(x_dim, 0), index, axis + 1, n), 0
         if x_dim is None:
             return torch.stack([x] * n, axis), None
         return x.movedim(x_dim, axis), None
 
 
-class _CommAllReduce(torch.autograd.Function):
+class CommAllReduce(torch.autograd.Function):
     """A collective through a communicator (threads and distributed backends)."""
 
     @staticmethod
@@ -148,21 +149,21 @@ class _CommAllReduce(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple:
         if ctx.op in ("sum", "mean"):
-            return _CommAllReduce.apply(g, ctx.comm, ctx.op), None, None
+            return CommAllReduce.apply(g, ctx.comm, ctx.op), None, None
         x, y = ctx.saved_tensors
         hit = (x == y).to(g.dtype)
-        total = _CommAllReduce.apply(g, ctx.comm, "sum")
-        ties = _CommAllReduce.apply(hit, ctx.comm, "sum")
+        total = CommAllReduce.apply(g, ctx.comm, "sum")
+        ties = CommAllReduce.apply(hit, ctx.comm, "sum")
         return total * hit / ties, None, None
 
     @staticmethod
     def jvp(ctx: Any, x_t: torch.Tensor, *_: Any) -> torch.Tensor:
         if ctx.op in ("sum", "mean"):
-            return _CommAllReduce.apply(x_t, ctx.comm, ctx.op)
+            return CommAllReduce.apply(x_t, ctx.comm, ctx.op)
         x, y = ctx.saved_tensors
         hit = (x == y).to(x_t.dtype)
-        ties = _CommAllReduce.apply(hit, ctx.comm, "sum")
-        return _CommAllReduce.apply(x_t * hit, ctx.comm, "sum") / ties
+        ties = CommAllReduce.apply(hit, ctx.comm, "sum")
+        return CommAllReduce.apply(x_t * hit, ctx.comm, "sum") / ties
 
     @staticmethod
     def vmap(info: Any, in_dims: InDims, x: torch.Tensor, comm: Communicator, op: ReduceOp
@@ -170,11 +171,11 @@ class _CommAllReduce(torch.autograd.Function):
         # A vmap inside the replica: every replica has the same vmapped size, so one
         # elementwise collective over the stacked values serves all vmapped entries.
         if in_dims[0] is None:
-            return _CommAllReduce.apply(x, comm, op), None
-        return _CommAllReduce.apply(x.movedim(in_dims[0], 0), comm, op), 0
+            return CommAllReduce.apply(x, comm, op), None
+        return CommAllReduce.apply(x.movedim(in_dims[0], 0), comm, op), 0
 
 
-class _CommAllGather(torch.autograd.Function):
+class CommAllGather(torch.autograd.Function):
     @staticmethod
     def forward(x: torch.Tensor, comm: Communicator, axis: int) -> torch.Tensor:
         return comm.all_gather(x).movedim(0, axis)
@@ -186,22 +187,22 @@ class _CommAllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple:
-        total = _CommAllReduce.apply(g, ctx.comm, "sum")
+        total = CommAllReduce.apply(g, ctx.comm, "sum")
         return total.select(ctx.axis, ctx.comm.index()), None, None
 
     @staticmethod
     def jvp(ctx: Any, x_t: torch.Tensor, *_: Any) -> torch.Tensor:
-        return _CommAllGather.apply(x_t, ctx.comm, ctx.axis)
+        return CommAllGather.apply(x_t, ctx.comm, ctx.axis)
 
     @staticmethod
     def vmap(info: Any, in_dims: InDims, x: torch.Tensor, comm: Communicator, axis: int
              ) -> Batched:
         if in_dims[0] is None:
-            return _CommAllGather.apply(x, comm, axis), None
-        return _CommAllGather.apply(x.movedim(in_dims[0], 0), comm, axis + 1), 0
+            return CommAllGather.apply(x, comm, axis), None
+        return CommAllGather.apply(x.movedim(in_dims[0], 0), comm, axis + 1), 0
 
 
-def _on_shared_tape(frame: AxisFrame, x: torch.Tensor) -> bool:
+def on_shared_tape(frame: AxisFrame, x: torch.Tensor) -> bool:
     """Whether a collective should join the replicas' autograd graphs (threads backend).
 
     A ``.backward()`` after a threads-backend ``pmap`` runs every replica's backward in one
@@ -215,7 +216,7 @@ def _on_shared_tape(frame: AxisFrame, x: torch.Tensor) -> bool:
             and not in_functorch_transform())
 
 
-def _tree_collective(tree: Any, fn: str, leaf_op: Any) -> Any:
+def tree_collective(tree: Any, fn: str, leaf_op: Any) -> Any:
     """Applies ``leaf_op`` to every tensor (or Python number) leaf; ``None`` stays ``None``."""
 
     def apply(path: str, leaf: Any) -> Any:
@@ -229,100 +230,3 @@ def _tree_collective(tree: Any, fn: str, leaf_op: Any) -> Any:
         return leaf_op(leaf)
 
     return _tree.map_with_path(apply, tree, root="x")
-
-
-def _all_reduce(tree: Any, axis_name: str, op: ReduceOp, fn: str) -> Any:
-    frame = lookup(axis_name, fn)
-    _guard_compile(fn)
-
-    def leaf_op(x: torch.Tensor) -> torch.Tensor:
-        if op == "mean" and not (x.is_floating_point() or x.is_complex()):
-            raise TypeError(f"{fn}: needs a floating-point value, got {x.dtype}; cast it first")
-        if op == "sum" and not (x.is_floating_point() or x.is_complex()):
-            x = x.to(torch.int64)  # as torch.sum: the same dtype on every backend
-        if frame.comm is not None:
-            x = x.to(frame.index.device)
-            if _on_shared_tape(frame, x):
-                return frame.comm.tracked_all_reduce(x, op)
-            return _CommAllReduce.apply(x, frame.comm, op)
-        return _AllReduce.apply(x, frame.index, op, frame.size)
-
-    return _tree_collective(tree, fn, leaf_op)
-
-
-def psum(x: Any, axis_name: str) -> Any:
-    """Sums a value (a pytree) over the replicas of ``axis_name``; every replica gets the sum.
-
-    Differentiable: its transpose is ``psum`` of the cotangents.
-
-    Example:
-        >>> mesh = fdp.Mesh(4)
-        >>> fdp.pmap(lambda x: fdp.psum(x, "dp"), mesh)(torch.arange(4.0))
-        tensor([6., 6., 6., 6.])
-    """
-    return _all_reduce(x, axis_name, "sum", "psum")
-
-
-def pmean(x: Any, axis_name: str) -> Any:
-    """Mean of a value over the replicas of ``axis_name`` (see :func:`psum`)."""
-    return _all_reduce(x, axis_name, "mean", "pmean")
-
-
-def pmax(x: Any, axis_name: str) -> Any:
-    """Maximum over the replicas; the gradient is shared equally among tied replicas."""
-    return _all_reduce(x, axis_name, "max", "pmax")
-
-
-def pmin(x: Any, axis_name: str) -> Any:
-    """Minimum over the replicas; the gradient is shared equally among tied replicas."""
-    return _all_reduce(x, axis_name, "min", "pmin")
-
-
-def all_gather(x: Any, axis_name: str, axis: int = 0, tiled: bool = False) -> Any:
-    """Gathers every replica's value: a new axis ``axis`` of size N (or concatenated if tiled).
-
-    Example:
-        >>> mesh = fdp.Mesh(3)
-        >>> fdp.pmap(lambda x: fdp.all_gather(x, "dp"), mesh, out_axes=None)(torch.arange(3.0))
-        tensor([0., 1., 2.])
-    """
-    frame = lookup(axis_name, "all_gather")
-    _guard_compile("all_gather")
-
-    def leaf_op(v: torch.Tensor) -> torch.Tensor:
-        rank = v.dim() if tiled else v.dim() + 1  # tiled concatenates along an existing axis
-        if not -rank <= axis < rank:
-            raise ValueError(
-                f"all_gather: axis={axis} is out of range for a value with {v.dim()} dims"
-                f"{' and tiled=True' if tiled else ''}"
-            )
-        ax = axis % rank
-        if frame.comm is not None and _on_shared_tape(frame, v):
-            out = frame.comm.tracked_all_gather(v.to(frame.index.device)).movedim(0, ax)
-        elif frame.comm is not None:
-            out = _CommAllGather.apply(v.to(frame.index.device), frame.comm, ax)
-        else:
-            out = _AllGather.apply(v, frame.index, ax, frame.size)
-        return out.flatten(ax, ax + 1) if tiled else out
-
-    return _tree_collective(x, "all_gather", leaf_op)
-
-
-def axis_index(axis_name: str) -> torch.Tensor:
-    """This replica's index along ``axis_name`` (an int64 scalar tensor)."""
-    return lookup(axis_name, "axis_index").index
-
-
-def row_mask(axis_name: str) -> torch.Tensor | None:
-    """This replica's real-row mask (bool, one entry per padded row) or ``None`` if unpadded."""
-    return lookup(axis_name, "row_mask").mask
-
-
-def row_offset(axis_name: str) -> torch.Tensor | None:
-    """Index of this replica's first row in the full batch, or ``None`` if not split by fdp."""
-    return lookup(axis_name, "row_offset").offset
-
-
-def axis_size(axis_name: str) -> int:
-    """The number of replicas along ``axis_name``."""
-    return lookup(axis_name, "axis_size").size
