@@ -160,9 +160,12 @@ def grad_leaves(grads: PyTree, fn: str) -> list[torch.Tensor | None]:
 
 def aligned_leaves(
     fn: str, tree: PyTree, name: str, ref: PyTree, ref_name: str = "grads",
-    same_dtype: bool = True,
+    same_dtype: bool = True, blame_tree: bool = False,
 ) -> list[Any]:
     """The leaves of ``tree`` in the leaf order of ``ref``, after checking their key paths.
+
+    With ``blame_tree`` (an optimizer state checked against grads that match the params) the
+    errors say that ``tree`` is the one that does not fit.
 
     Raises:
         ValueError: naming the first key path one tree has and the other lacks, or a leaf whose
@@ -177,6 +180,8 @@ def aligned_leaves(
         ref_set = set(ref_paths)
         missing = [p for p in by_path if p not in ref_set]
         unexpected = [p for p in ref_paths if p not in by_path]
+        if blame_tree and (missing or unexpected):
+            _state_keys_error(fn, name, missing, unexpected)
         if missing or unexpected:
             parts = []
             if missing:
@@ -192,6 +197,9 @@ def aligned_leaves(
     for i, (leaf, r) in enumerate(zip(leaves, ref_leaves, strict=True)):
         if not (isinstance(leaf, torch.Tensor) and isinstance(r, torch.Tensor)):
             continue
+        differs = leaf.shape != r.shape or (same_dtype and leaf.dtype != r.dtype)
+        if blame_tree and differs:
+            _state_leaf_error(fn, name, _tree.leaves_with_path(ref)[i][0], leaf, r)
         if leaf.shape != r.shape:
             path = _tree.leaves_with_path(ref)[i][0]
             raise ValueError(
@@ -205,6 +213,25 @@ def aligned_leaves(
                 f"the grads to the params' dtype"
             )
     return leaves
+
+
+_REBUILD = ("the state was made by init for other params; build it for these with "
+            "opt.init(params) (a TrainState's opt_state: fdp.TrainState.create(params, opt))")
+
+
+def _state_keys_error(fn: str, name: str, missing: list[str], unexpected: list[str]) -> None:
+    what = (f"{name} has no entry for grads{unexpected[0]}" if unexpected
+            else f"{name}{missing[0]} is not a key of the grads or params")
+    raise ValueError(f"{fn}: the optimizer state does not match the params: {what}; {_REBUILD}")
+
+
+def _state_leaf_error(fn: str, name: str, path: str, leaf: torch.Tensor,
+                      ref: torch.Tensor) -> None:
+    raise ValueError(
+        f"{fn}: {name}{path} is {leaf.dtype}{list(leaf.shape)} but the params and grads{path} "
+        f"are {ref.dtype}{list(ref.shape)}: the optimizer state does not match the params; "
+        f"{_REBUILD}"
+    )
 
 
 def check_state(state: Any, expected: type, fn: str, factory: str) -> None:
@@ -234,11 +261,15 @@ def update_inputs(
     return g_leaves, aligned_leaves(where, params, "params", grads)
 
 
-def state_leaves(where: str, tree: PyTree, name: str, grads: PyTree, present: bool) -> list[Any]:
-    """An optional part of an optimizer's state, aligned to the grads (``None``s if absent)."""
+def state_leaves(where: str, tree: PyTree, name: str, grads: PyTree, present: bool = True,
+                 params: PyTree | None = None) -> list[Any]:
+    """A part of an optimizer's state, aligned to the grads (``None``s if absent).
+
+    When ``params`` were given (and the grads matched them), a mismatch is the state's fault.
+    """
     if not present:
         return [None] * len(pytree.tree_leaves(grads))
-    return aligned_leaves(where, tree, name, grads)
+    return aligned_leaves(where, tree, name, grads, blame_tree=params is not None)
 
 
 def need_params(params: PyTree | None, fn: str, why: str) -> None:
