@@ -36,13 +36,16 @@ def save_checkpoint(directory: str | os.PathLike, state: Any) -> Path:
         >>> fdp.load_checkpoint(d, like={"w": torch.zeros(2)})
         {'w': tensor([1., 1.])}
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = _directory(directory, "save_checkpoint")
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"save_checkpoint: directory={str(directory)!r} is a file, not a "
+                         f"directory; checkpoints are written to directory/{FILENAME}")
     pairs = _tree.leaves_with_path(state, "state")
     for path, leaf in pairs:
         if not isinstance(leaf, (torch.Tensor, int, float, str, bool, type(None))):
             raise TypeError(f"save_checkpoint: {path} is a {type(leaf).__name__}; checkpoints "
                             f"hold tensors, numbers, strings and None")
+    directory.mkdir(parents=True, exist_ok=True)  # only for a state it can write
     leaves = [_own_storage(leaf.detach().cpu()) if isinstance(leaf, torch.Tensor) else leaf
               for _, leaf in pairs]
     payload = {"format": FORMAT, "paths": [p for p, _ in pairs], "leaves": leaves,
@@ -76,7 +79,7 @@ def load_checkpoint(directory: str | os.PathLike, like: Any) -> Any:
         ValueError: the file is corrupt or truncated, or its structure differs from ``like``
             (the message names the first differing key path).
     """
-    path = Path(directory) / FILENAME
+    path = _directory(directory, "load_checkpoint") / FILENAME
     if not path.exists():
         raise FileNotFoundError(f"load_checkpoint: no checkpoint at {path}")
     payload = _read(path)
@@ -85,6 +88,13 @@ def load_checkpoint(directory: str | os.PathLike, like: Any) -> Any:
     leaves = [stored.to(ref.device) if isinstance(ref, torch.Tensor) else stored
               for stored, (_, ref) in zip(payload["leaves"], want, strict=True)]
     return _tree.unflatten(leaves, _tree.flatten(like)[1])
+
+
+def _directory(directory: Any, fn: str) -> Path:
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"{fn}: directory must be a str or os.PathLike (the checkpoint's "
+                        f"folder), got {type(directory).__name__}")
+    return Path(directory)
 
 
 def _read(path: Path) -> dict:

@@ -109,7 +109,7 @@ def apply_updates(params: PyTree, updates: Updates) -> PyTree:
     """
     p_leaves, spec = pytree.tree_flatten(params)
     u_leaves = aligned_leaves("apply_updates", updates, "updates", params, "params",
-                              same_dtype=False)
+                              same_dtype=False, blame=_UPDATES_FIX)
     for path, leaf in _paths_if_needed(params, p_leaves):
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(f"apply_updates: params{path} is a {type(leaf).__name__}, "
@@ -160,12 +160,13 @@ def grad_leaves(grads: PyTree, fn: str) -> list[torch.Tensor | None]:
 
 def aligned_leaves(
     fn: str, tree: PyTree, name: str, ref: PyTree, ref_name: str = "grads",
-    same_dtype: bool = True, blame_tree: bool = False,
+    same_dtype: bool = True, blame: str | None = None,
 ) -> list[Any]:
     """The leaves of ``tree`` in the leaf order of ``ref``, after checking their key paths.
 
-    With ``blame_tree`` (an optimizer state checked against grads that match the params) the
-    errors say that ``tree`` is the one that does not fit.
+    With ``blame`` (the fix to suggest) the errors say that ``tree`` is the one that does not
+    fit ``ref`` (an optimizer state checked against grads that match the params, updates
+    checked against the params).
 
     Raises:
         ValueError: naming the first key path one tree has and the other lacks, or a leaf whose
@@ -180,8 +181,8 @@ def aligned_leaves(
         ref_set = set(ref_paths)
         missing = [p for p in by_path if p not in ref_set]
         unexpected = [p for p in ref_paths if p not in by_path]
-        if blame_tree and (missing or unexpected):
-            _state_keys_error(fn, name, missing, unexpected)
+        if blame is not None and (missing or unexpected):
+            _keys_error(fn, name, ref_name, missing, unexpected, blame)
         if missing or unexpected:
             parts = []
             if missing:
@@ -198,8 +199,8 @@ def aligned_leaves(
         if not (isinstance(leaf, torch.Tensor) and isinstance(r, torch.Tensor)):
             continue
         differs = leaf.shape != r.shape or (same_dtype and leaf.dtype != r.dtype)
-        if blame_tree and differs:
-            _state_leaf_error(fn, name, _tree.leaves_with_path(ref)[i][0], leaf, r)
+        if blame is not None and differs:
+            _leaf_error(fn, name, ref_name, _tree.leaves_with_path(ref)[i][0], (leaf, r), blame)
         if leaf.shape != r.shape:
             path = _tree.leaves_with_path(ref)[i][0]
             raise ValueError(
@@ -215,22 +216,25 @@ def aligned_leaves(
     return leaves
 
 
-_REBUILD = ("the state was made by init for other params; build it for these with "
-            "opt.init(params) (a TrainState's opt_state: fdp.TrainState.create(params, opt))")
+_REBUILD = ("the grads match the params, so the optimizer state was made by init for other "
+            "params; build it for these with opt.init(params) (a TrainState's opt_state: "
+            "fdp.TrainState.create(params, opt))")
+_UPDATES_FIX = "pass the updates that optimizer.update returned for these params"
 
 
-def _state_keys_error(fn: str, name: str, missing: list[str], unexpected: list[str]) -> None:
-    what = (f"{name} has no entry for grads{unexpected[0]}" if unexpected
-            else f"{name}{missing[0]} is not a key of the grads or params")
-    raise ValueError(f"{fn}: the optimizer state does not match the params: {what}; {_REBUILD}")
+def _keys_error(fn: str, name: str, ref_name: str, missing: list[str], unexpected: list[str],
+                fix: str) -> None:
+    what = (f"{name} has no entry for {ref_name}{unexpected[0]}" if unexpected
+            else f"{name}{missing[0]} is not a key of the {ref_name}")
+    raise ValueError(f"{fn}: {name} does not match the {ref_name}: {what}; {fix}")
 
 
-def _state_leaf_error(fn: str, name: str, path: str, leaf: torch.Tensor,
-                      ref: torch.Tensor) -> None:
+def _leaf_error(fn: str, name: str, ref_name: str, path: str,
+                pair: tuple[torch.Tensor, torch.Tensor], fix: str) -> None:
+    leaf, ref = pair
     raise ValueError(
-        f"{fn}: {name}{path} is {leaf.dtype}{list(leaf.shape)} but the params and grads{path} "
-        f"are {ref.dtype}{list(ref.shape)}: the optimizer state does not match the params; "
-        f"{_REBUILD}"
+        f"{fn}: {name}{path} is {leaf.dtype}{list(leaf.shape)} but {ref_name}{path} is "
+        f"{ref.dtype}{list(ref.shape)}: {name} does not match the {ref_name}; {fix}"
     )
 
 
@@ -269,7 +273,7 @@ def state_leaves(where: str, tree: PyTree, name: str, grads: PyTree, present: bo
     """
     if not present:
         return [None] * len(pytree.tree_leaves(grads))
-    return aligned_leaves(where, tree, name, grads, blame_tree=params is not None)
+    return aligned_leaves(where, tree, name, grads, blame=None if params is None else _REBUILD)
 
 
 def need_params(params: PyTree | None, fn: str, why: str) -> None:
