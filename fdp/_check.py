@@ -55,9 +55,10 @@ def callable_(value: Any, fn: str, name: str) -> None:
 def param_dict(params: Any, fn: str, name: str = "params") -> dict[str, torch.Tensor]:
     """``params`` if it is a dict of tensors; else a TypeError naming the offending key."""
     if not isinstance(params, dict):
+        hint = name if name in ("params", "buffers") else "params"
         raise TypeError(
             f"{fn}: {name} must be a dict of tensors (name -> Tensor), got "
-            f"{type(params).__name__}; fdp.functionalize(module).params is one"
+            f"{type(params).__name__}; fdp.functionalize(module).{hint} is one"
         )
     for key, value in params.items():
         if not isinstance(value, torch.Tensor):

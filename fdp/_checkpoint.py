@@ -149,6 +149,10 @@ def _target(path: object, fn: str) -> Path:
     if p.exists() and not p.is_file():
         raise ValueError(f"{fn}: {p} is neither a folder nor a file; pass a folder (the "
                          f"checkpoint is its {FILENAME}) or a .pt file")
+    if p.is_file() and fn == "save_checkpoint" and p.suffix not in (".pt", ".pth"):
+        raise ValueError(f"{fn}: path={str(p)!r} is an existing file that is not a .pt "
+                         f"checkpoint; pass a folder (the checkpoint is its {FILENAME}) or a "
+                         f"path ending in .pt")
     if p.is_file() or p.suffix in (".pt", ".pth"):
         if p.parent.exists() and not p.parent.is_dir():
             raise ValueError(f"{fn}: {p.parent} is a file, not a folder")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fdp import _check, _tree
+from fdp import _check, _explain, _tree
 from fdp._buffers import reduce_buffers
 from fdp._compat import BatchNormBase
 from fdp._data_parallel_checks import (
@@ -149,9 +149,13 @@ class DataParallel(nn.Module):
         call = ModuleCall(self._model().apply, params, buffers, inputs, kwargs, layout,
                           self.dim, _sync_layers(self.module, self.buffer_policy),
                           self.buffer_policy, self.randomness, mesh.axis_name)
-        result = mesh.backend.run_module(call)
-        if result is None:
-            result = self._compose(mesh, call)
+        try:
+            result = mesh.backend.run_module(call) or self._compose(mesh, call)
+        except (RuntimeError, ValueError) as e:
+            if (better := _explain.in_module(e, layout, params, _tensors(inputs, kwargs))) \
+                    is None:
+                raise
+            raise better from e
         self._store(result.buffers)
         return self._to_output_device(result.output)
 
@@ -286,6 +290,12 @@ def _has_tensor(call: tuple[tuple[Any, ...], dict[str, Any]]) -> bool:
             raise TypeError(f"{_FN}: {path} is a {type(leaf).__name__}, not a torch.Tensor; "
                             f"convert it with torch.as_tensor to split it")
     return any(isinstance(x, torch.Tensor) for x in leaves)
+
+
+def _tensors(inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
+    return [(p, x) for p, x in [*_tree.leaves_with_path(inputs, "inputs"),
+                                *_tree.leaves_with_path(kwargs, "kwargs")]
+            if isinstance(x, torch.Tensor)]
 
 
 def _output_dims(out: Any, rows: int, dim: int) -> list[list[int] | None]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from fdp import _check, _inputs, _tree
+from fdp import _check, _explain, _inputs, _tree
 from fdp._inputs import batch_size
 from fdp._layout import Layout, Sharded, split_sizes
 from fdp._mesh import Mesh, check_mesh
@@ -174,16 +174,51 @@ def value_and_grad(
 def _call_backend(mesh: Mesh, plan: GradPlan, params: dict, batch: Any) -> tuple[Any, dict]:
     try:
         return mesh.backend.value_and_grad(plan, params, batch)
-    except ValueError as e:
-        if "Expected more than 1 value per channel" not in str(e):
+    except (RuntimeError, ValueError, TypeError) as e:
+        better = _explained(e, plan, params, batch)
+        if better is None:
             raise
-        raise ValueError(
-            f"value_and_grad: a BatchNorm layer in training got 1 row per channel on a replica "
-            f"(the batch of {plan.layout.total} splits into {plan.layout.sizes}); per-replica "
-            f"batch statistics need at least 2 rows. Use buffer_policy='sync' with "
-            f"fdp.nn.convert_sync_batchnorm(module) (statistics over the whole batch), a larger "
-            f"batch, or eval mode"
-        ) from e
+        raise better from e
+
+
+_BATCHNORM_FIX = ("Pass buffer_policy='replica0', 'mean' or 'sync' (then loss_fn(params, "
+                  "buffers, batch) returns (loss, new_buffers); 'sync' with "
+                  "fdp.nn.convert_sync_batchnorm(module) gives single-device statistics), or "
+                  "put the module in eval mode (module.eval()) before fdp.functionalize")
+_RANDOM_FIX = ("Pass randomness='different' (each replica draws its own values) or 'same', or "
+               "draw with a key: key=fdp.random.key(seed) with keyed layers "
+               "(fdp.nn.convert_dropout(module) converts nn.Dropout), which equal a "
+               "single-device run's draws")
+
+
+def _explained(error: Exception, plan: GradPlan, params: dict, batch: Any) -> Exception | None:
+    """fdp's error for a raw torch error from the replicas (``None``: leave it as it is)."""
+    fn = "value_and_grad"
+    if plan.buffer_policy is None:
+        stats_fix = _BATCHNORM_FIX
+    else:
+        stats_fix = (f"With buffer_policy={plan.buffer_policy!r}, pass the buffers loss_fn "
+                     f"receives to model.apply (loss_fn(params, buffers, batch)), not "
+                     f"model.buffers")
+    return (_explain.one_row_batchnorm(error, fn, plan.layout.total, plan.layout.sizes)
+            or _explain.batchnorm_stats(error, fn, stats_fix)
+            or _explain.randomness(error, fn, _RANDOM_FIX)
+            or _explain.arity(error, fn, plan.loss, len(plan.args) + (
+                2 if plan.buffer_policy is None else 3), _expected_call(plan))
+            or _explain.dtype_mismatch(error, fn, [(f"params[{k!r}]", v)
+                                                   for k, v in params.items()],
+                                       _inputs.batch_leaves(batch, fn, "batch")))
+
+
+def _expected_call(plan: GradPlan) -> str:
+    extra = "".join(f", args[{i}]" for i in range(len(plan.args)))
+    if plan.buffer_policy is None:
+        return (f"with no buffer_policy it is called as loss_fn(params, batch{extra}) and "
+                f"returns the loss; a loss_fn(params, buffers, batch) that returns (loss, "
+                f"new_buffers) needs buffer_policy='replica0', 'mean' or 'sync'")
+    return (f"with buffer_policy={plan.buffer_policy!r} it is called as loss_fn(params, "
+            f"buffers, batch{extra}) and must return (loss, new_buffers); drop buffer_policy "
+            f"for a loss_fn(params, batch)")
 
 
 def _missing_as_none(result: tuple[Any, dict], probe: _MissingGradients | None, plan: GradPlan,

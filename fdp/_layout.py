@@ -116,7 +116,7 @@ def split_sizes(batch_size: int, n: int, split: str | Sequence[int],
             return tuple(base + 1 if i < extra else base for i in range(n))
         raise ValueError(
             f"{fn}: unknown split={split!r}; use {', '.join(map(repr, SPLIT_NAMES))} or a list "
-            f"of {n} row counts"
+            f"of row counts, one per replica"
         )
     try:
         sizes = tuple(split)
@@ -125,7 +125,11 @@ def split_sizes(batch_size: int, n: int, split: str | Sequence[int],
             f"{fn}: split must be 'chunk', 'even' or a sequence of ints, got "
             f"{type(split).__name__}"
         ) from None
-    if len(sizes) != n or not all(_check.is_int(s) for s in sizes):
+    odd = next((i for i, s in enumerate(sizes) if not _check.is_int(s)), None)
+    if odd is not None:
+        raise TypeError(f"{fn}: split[{odd}]={sizes[odd]!r} is a {type(sizes[odd]).__name__}; "
+                        f"split lists {n} ints (row counts), one per replica")
+    if len(sizes) != n:
         raise ValueError(f"{fn}: split={list(sizes)} must list {n} ints, one per replica")
     if any(s < 0 for s in sizes):
         raise ValueError(f"{fn}: split={list(sizes)} has a negative row count")

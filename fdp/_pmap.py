@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from fdp import _check, _inputs, _tree
+from fdp import _check, _explain, _inputs, _tree
 from fdp._layout import Layout, Sharded
 from fdp._mesh import Mesh, check_mesh
 from fdp.backends._base import Replica
@@ -332,7 +332,12 @@ def _run(fn: Callable[..., Any], mesh: Mesh, name: str, out_axes: Axes, treedef:
         out_info.setdefault("calls", []).append((replica.index, out_def, static))
         return [x for x in out_leaves if isinstance(x, torch.Tensor)]
 
-    results = iter(mesh.backend.map(body, mapped, in_dims, randomness=randomness))
+    try:
+        results = iter(mesh.backend.map(body, mapped, in_dims, randomness=randomness))
+    except RuntimeError as e:
+        if (better := _explain.in_pmap(e)) is None:
+            raise
+        raise better from e
     out_def, static = _agreed_outputs(out_info["calls"])
     home, replicas = mesh.backend.home, mesh.backend.local_size
     leaves = [next(results) if is_tensor else _replicated_number(x, replicas, home)

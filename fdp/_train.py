@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fdp import _check, _tree
+from fdp import _check, _explain, _tree
 from fdp._accumulate import accumulate
 from fdp._grad import value_and_grad
 from fdp._mesh import Mesh
@@ -179,6 +179,8 @@ def data_parallel_step(
     grad_fn = value_and_grad(fn, mesh, has_aux, strategy=strategy, split=split, dim=dim,
                              reduction=reduction, randomness=randomness,
                              buffer_policy=buffer_policy, unused=unused)
+    needs = ("buffer_policy=" + repr(buffer_policy) if buffer_policy is not None
+             else "with_buffers=True" if with_buffers else None)
     if microbatches != 1:
         grad_fn = accumulate(grad_fn, microbatches, has_aux=has_aux, dim=dim,
                              reduction=reduction)
@@ -189,11 +191,16 @@ def data_parallel_step(
                             f"{type(state).__name__}; build one with fdp.TrainState.create")
         buffers = state.buffers
         keyed = {} if key is None else {"key": fold_in(key, state.step)}
-        if buffer_policy is not None:
-            (out, buffers), grads = grad_fn(state.params, state.buffers, batch, **keyed)
-        else:
-            out, grads = grad_fn(state.params, batch, *((buffers,) if with_buffers else ()),
-                                 **keyed)
+        try:
+            if buffer_policy is not None:
+                (out, buffers), grads = grad_fn(state.params, state.buffers, batch, **keyed)
+            else:
+                out, grads = grad_fn(state.params, batch, *((buffers,) if with_buffers else ()),
+                                     **keyed)
+        except (ValueError, TypeError, KeyError) as e:
+            if (better := _explained(e, state, loss_fn, needs)) is None:
+                raise
+            raise better from e
         loss, aux = out if has_aux else (out, None)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_state = state._replace(params=apply_updates(state.params, updates),
@@ -207,6 +214,23 @@ def data_parallel_step(
         return new_state, metrics
 
     return step
+
+
+def _explained(error: Exception, state: TrainState, loss_fn: Callable[..., Any],
+               needs: str | None) -> Exception | None:
+    """The step's error for a loss that needs buffers (``needs``: the option that passes them)
+    where the state has none, or a loss_fn whose arguments do not fit the options."""
+    fn = "data_parallel_step"
+    if needs is None:
+        return None
+    if not state.buffers and (isinstance(error, KeyError) or "buffers" in str(error)):
+        return ValueError(
+            f"{fn}: {needs} passes state.buffers to loss_fn, but state.buffers is empty; build "
+            f"the state with the model's buffers: fdp.TrainState.create(params, optimizer, "
+            f"buffers=model.buffers)"
+        )
+    return _explain.arity(error, fn, loss_fn, 3,
+                          f"with {needs} it is called as loss_fn(params, buffers, batch)")
 
 
 def _check_optimizer(optimizer: Any, fn: str) -> None:

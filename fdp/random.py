@@ -65,13 +65,20 @@ def key(seed: int, *, device: torch.device | str | None = None) -> torch.Tensor:
     return torch.tensor([seed & _MASK, seed >> 32], dtype=torch.int64, device=device)
 
 
+_OUTSIDE = frozenset({"value_and_grad", "data_parallel_step"})  # callers outside fdp.random
+
+
 def _key_words(k: Any, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key's two words; ``fn`` names the caller (``fdp.random``'s own by their short name,
+    others with a dot or as ``value_and_grad``/``data_parallel_step``)."""
+    if fn not in _OUTSIDE and "." not in fn:
+        fn = f"fdp.random.{fn}"
     if not isinstance(k, torch.Tensor):
-        raise TypeError(f"fdp.random.{fn}: key must be a tensor from fdp.random.key(seed), got "
+        raise TypeError(f"{fn}: key must be a tensor from fdp.random.key(seed), got "
                         f"{type(k).__name__}")
     if k.dtype != torch.int64 or k.shape != (2,):
         hint = " (a batch of keys: map over it with torch.func.vmap)" if k.dim() == 2 else ""
-        raise ValueError(f"fdp.random.{fn}: key must be an int64 tensor of shape (2,) from "
+        raise ValueError(f"{fn}: key must be an int64 tensor of shape (2,) from "
                          f"fdp.random.key(seed), got {k.dtype}{list(k.shape)}{hint}")
     return k[0] & _MASK, k[1] & _MASK
 

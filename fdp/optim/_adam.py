@@ -68,9 +68,10 @@ def _adam(
     ) -> tuple[PyTree, AdamState]:
         where = f"{fn}.update"
         g_leaves, p_leaves = _base.update_inputs(where, fn, state, AdamState, grads, params, wd)
-        mu = _base.aligned_leaves(where, state.mu, "state.mu", grads)
-        nu = _base.aligned_leaves(where, state.nu, "state.nu", grads)
-        nu_max = _base.state_leaves(where, state.nu_max, "state.nu_max", grads, amsgrad)
+        mu = _base.state_leaves(where, state.mu, "state.mu", grads, params=params)
+        nu = _base.state_leaves(where, state.nu, "state.nu", grads, params=params)
+        nu_max = _base.state_leaves(where, state.nu_max, "state.nu_max", grads, amsgrad,
+                                     params)
         lr = _schedules.learning_rate_at(learning_rate, state.count, where)
         steps = _steps(where, state, g_leaves)
         step = steps.to(torch.float64)  # each parameter's own count, as torch.optim's

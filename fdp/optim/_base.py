@@ -109,7 +109,7 @@ def apply_updates(params: PyTree, updates: Updates) -> PyTree:
     """
     p_leaves, spec = pytree.tree_flatten(params)
     u_leaves = aligned_leaves("apply_updates", updates, "updates", params, "params",
-                              same_dtype=False)
+                              same_dtype=False, blame=_UPDATES_FIX)
     for path, leaf in _paths_if_needed(params, p_leaves):
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(f"apply_updates: params{path} is a {type(leaf).__name__}, "
@@ -160,9 +160,13 @@ def grad_leaves(grads: PyTree, fn: str) -> list[torch.Tensor | None]:
 
 def aligned_leaves(
     fn: str, tree: PyTree, name: str, ref: PyTree, ref_name: str = "grads",
-    same_dtype: bool = True,
+    same_dtype: bool = True, blame: str | None = None,
 ) -> list[Any]:
     """The leaves of ``tree`` in the leaf order of ``ref``, after checking their key paths.
+
+    With ``blame`` (the fix to suggest) the errors say that ``tree`` is the one that does not
+    fit ``ref`` (an optimizer state checked against grads that match the params, updates
+    checked against the params).
 
     Raises:
         ValueError: naming the first key path one tree has and the other lacks, or a leaf whose
@@ -177,6 +181,8 @@ def aligned_leaves(
         ref_set = set(ref_paths)
         missing = [p for p in by_path if p not in ref_set]
         unexpected = [p for p in ref_paths if p not in by_path]
+        if blame is not None and (missing or unexpected):
+            _keys_error(fn, name, ref_name, missing, unexpected, blame)
         if missing or unexpected:
             parts = []
             if missing:
@@ -192,6 +198,9 @@ def aligned_leaves(
     for i, (leaf, r) in enumerate(zip(leaves, ref_leaves, strict=True)):
         if not (isinstance(leaf, torch.Tensor) and isinstance(r, torch.Tensor)):
             continue
+        differs = leaf.shape != r.shape or (same_dtype and leaf.dtype != r.dtype)
+        if blame is not None and differs:
+            _leaf_error(fn, name, ref_name, _tree.leaves_with_path(ref)[i][0], (leaf, r), blame)
         if leaf.shape != r.shape:
             path = _tree.leaves_with_path(ref)[i][0]
             raise ValueError(
@@ -205,6 +214,28 @@ def aligned_leaves(
                 f"the grads to the params' dtype"
             )
     return leaves
+
+
+_REBUILD = ("the grads match the params, so the optimizer state was made by init for other "
+            "params; build it for these with opt.init(params) (a TrainState's opt_state: "
+            "fdp.TrainState.create(params, opt))")
+_UPDATES_FIX = "pass the updates that optimizer.update returned for these params"
+
+
+def _keys_error(fn: str, name: str, ref_name: str, missing: list[str], unexpected: list[str],
+                fix: str) -> None:
+    what = (f"{name} has no entry for {ref_name}{unexpected[0]}" if unexpected
+            else f"{name}{missing[0]} is not a key of the {ref_name}")
+    raise ValueError(f"{fn}: {name} does not match the {ref_name}: {what}; {fix}")
+
+
+def _leaf_error(fn: str, name: str, ref_name: str, path: str,
+                pair: tuple[torch.Tensor, torch.Tensor], fix: str) -> None:
+    leaf, ref = pair
+    raise ValueError(
+        f"{fn}: {name}{path} is {leaf.dtype}{list(leaf.shape)} but {ref_name}{path} is "
+        f"{ref.dtype}{list(ref.shape)}: {name} does not match the {ref_name}; {fix}"
+    )
 
 
 def check_state(state: Any, expected: type, fn: str, factory: str) -> None:
@@ -234,11 +265,15 @@ def update_inputs(
     return g_leaves, aligned_leaves(where, params, "params", grads)
 
 
-def state_leaves(where: str, tree: PyTree, name: str, grads: PyTree, present: bool) -> list[Any]:
-    """An optional part of an optimizer's state, aligned to the grads (``None``s if absent)."""
+def state_leaves(where: str, tree: PyTree, name: str, grads: PyTree, present: bool = True,
+                 params: PyTree | None = None) -> list[Any]:
+    """A part of an optimizer's state, aligned to the grads (``None``s if absent).
+
+    When ``params`` were given (and the grads matched them), a mismatch is the state's fault.
+    """
     if not present:
         return [None] * len(pytree.tree_leaves(grads))
-    return aligned_leaves(where, tree, name, grads)
+    return aligned_leaves(where, tree, name, grads, blame=None if params is None else _REBUILD)
 
 
 def need_params(params: PyTree | None, fn: str, why: str) -> None:

@@ -85,10 +85,12 @@ def rmsprop(
         where = "rmsprop.update"
         g_leaves, p_leaves = _base.update_inputs(where, "rmsprop", state, RMSPropState, grads,
                                                  params, wd)
-        sq = _base.aligned_leaves(where, state.square_avg, "state.square_avg", grads)
-        ga = _base.state_leaves(where, state.grad_avg, "state.grad_avg", grads, centered)
+        sq = _base.state_leaves(where, state.square_avg, "state.square_avg", grads,
+                                params=params)
+        ga = _base.state_leaves(where, state.grad_avg, "state.grad_avg", grads, centered,
+                                params)
         buf = _base.state_leaves(where, state.momentum_buffer, "state.momentum_buffer", grads,
-                                 m > 0)
+                                 m > 0, params)
         lr = _schedules.learning_rate_at(learning_rate, state.count, where)
         out: list[list[torch.Tensor | None]] = [[], [], [], []]
         for g, p, s, c, b in zip(g_leaves, p_leaves, sq, ga, buf, strict=True):

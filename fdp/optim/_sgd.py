@@ -79,7 +79,7 @@ def sgd(
                                                  wd)
         lr = _schedules.learning_rate_at(learning_rate, state.count, where)
         b_leaves = _base.state_leaves(where, state.momentum_buffer, "state.momentum_buffer",
-                                      grads, m != 0)
+                                      grads, m != 0, params)
         first = state.count == 0
         updates: list[torch.Tensor | None] = []
         buffers: list[torch.Tensor] = []

@@ -155,8 +155,8 @@ def test_chain_given_a_foreign_state():
 
 
 def test_apply_updates_structure_mismatch():
-    with pytest.raises(ValueError, match=r"apply_updates: params and updates have different tree "
-                                         r"structures: params lacks updates\['b'\]"):
+    with pytest.raises(ValueError, match=r"apply_updates: updates does not match the params: "
+                                         r"updates\['b'\] is not a key of the params"):
         optim.apply_updates({"a": torch.ones(1)}, {"a": torch.ones(1), "b": torch.ones(1)})
 
 

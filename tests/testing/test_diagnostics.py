@@ -62,11 +62,12 @@ def test_drawn_models_with_train_mode_batchnorm_are_diagnosed(mb, data):
         f"{expected} at 'body.bn' uses per-replica batch statistics")
 
 
-def test_batchnorm_without_policy_chains_torch_error():
+def test_batchnorm_without_policy_chains_fdp_error():
     error = _failure(BNNet().double(), mse, regression_batch(12), fdp.Mesh(4))
-    assert isinstance(error.__cause__, RuntimeError)
-    assert "Batch norm got a batched tensor" in str(error.__cause__)
-    assert "data-parallel training raised RuntimeError" in str(error)
+    assert isinstance(error.__cause__, ValueError)  # fdp's, naming the layer and the fix
+    assert "'encoder.bn'" in str(error.__cause__) and "buffer_policy=" in str(error.__cause__)
+    assert "Batch norm got a batched tensor" in str(error.__cause__.__cause__)  # torch's
+    assert "data-parallel training raised ValueError" in str(error)
     assert _culprits(error)[0].startswith("BatchNorm1d at 'encoder.bn'")
 
 
