@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from fdp import _check
 from fdp._compat import add_note
+from fdp.backends import _dist_exit
 
 __all__ = ["Pool", "RankFailed", "current_group", "run"]
 
@@ -354,7 +355,7 @@ def _pack_error(e: BaseException) -> tuple:
 
 
 def _finish() -> None:
-    if dist.is_initialized():
+    if dist.is_initialized() and _dist_exit.failed() is None:  # else the teardown would hang
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
 

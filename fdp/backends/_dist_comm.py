@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fdp.backends import _dist_exit
 from fdp.backends._comm import Communicator
 from fdp.backends._options import ReduceOp
 
@@ -67,14 +68,20 @@ class DistComm(Communicator):
     # --- waiting and checking --------------------------------------------------------------
 
     def wait(self, work: Any, fn: str) -> None:
-        """Waits for ``work`` within the timeout; a dead or stuck peer raises, naming ``fn``."""
+        """Waits for ``work`` within the timeout; a dead or stuck peer raises, naming ``fn``.
+
+        The failure also marks the process group as failed: at exit, the process then leaves
+        at once with code 1 instead of waiting for the operation in flight (``_dist_exit``).
+        """
         try:
             if self._timed:
                 work.wait(self._delta)
             else:
                 work.wait()
         except RuntimeError as e:
-            raise self.failure(fn, e) from e
+            error = self.failure(fn, e)
+            _dist_exit.record(error, self.group)  # exit at once, non-zero (see there)
+            raise error from e
 
     def failure(self, fn: str, error: BaseException) -> PeerFailure:
         text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

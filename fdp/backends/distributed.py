@@ -29,7 +29,7 @@ import torch.distributed as dist
 from fdp import _check, _tree
 from fdp._compat import add_note
 from fdp._layout import Layout
-from fdp.backends import _dist_module
+from fdp.backends import _dist_exit, _dist_module
 from fdp.backends._base import GradPlan, ModuleCall, ModuleResult, Params, PyTree
 from fdp.backends._comm import Communicator, Unreachable
 from fdp.backends._dist_comm import (
@@ -102,6 +102,7 @@ class DistributedBackend(SpmdBackend):
         # Measured (docs/performance.md): on CPU, gloo's transfers need the cores that backward
         # uses, and one bucket after backward is faster; on GPUs communication runs beside it.
         overlap = dev.type == "cuda" if overlap is None else overlap
+        _dist_exit.install()  # a clean, prompt exit, also after a failed collective
         return cls(group, dev, float(timeout), max(1, int(bucket_mb * 2**20)), overlap)
 
     # --- placement ----------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Failures on a distributed mesh: a rank that raises, dies or is stuck makes the others fail
 within the mesh's timeout (never a hang), and ranks that disagree on shapes get a clear error.
+Under torchrun, a fault ends the whole job: every rank exits non-zero, the cause in the log.
 
-Each test starts fresh processes (``fdp.launch.run``): a failure leaves a process group unusable.
+Each test starts fresh processes (``fdp.launch.run``, or torchrun): a failure leaves a process
+group unusable.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,10 +20,13 @@ import torch.distributed as dist
 
 import fdp
 import fdp.launch
-from tests.distributed import jobs
+from tests.distributed import jobs, torchrun
 
 MESH_TIMEOUT = 3.0  # seconds a collective waits for the others
 RUN_TIMEOUT = 45.0  # bound on each whole test run
+FAULT_JOB = Path(__file__).with_name("fault_job.py")  # its MESH_TIMEOUT is ours
+EXIT_BOUND = MESH_TIMEOUT + 30  # a torchrun job with a fault ends this long after it
+STARTUP = 120.0  # torchrun and two ranks importing torch, on a busy 2-core machine
 
 
 def _mesh() -> fdp.Mesh:
@@ -166,3 +173,69 @@ def test_bad_arguments_are_named():
                          strict=False):
         assert got.startswith("Mesh.distributed: " + want), got
     assert "not a member of the given group" in messages[1][5]
+
+
+# --- under torchrun: a fault ends the job -------------------------------------------------------
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float, log: Path) -> None:
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, f"the job did not start in {seconds:g} s:\n{log.read_text()}"
+        time.sleep(0.1)
+
+
+def _rank_exit_codes(log: str) -> dict[int, int]:
+    """Each failed rank's exit code, from torchrun's failure report."""
+    found = re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\n\s*exitcode\s*: (-?\d+)", log)
+    return {int(rank): int(code) for rank, code in found}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_torchrun_job_with_a_stuck_rank_ends_on_every_rank_with_the_cause(tmp_path):
+    """Rank 1 never reaches the collective and never exits by itself: rank 0's PeerTimeout
+    ends rank 0 (code 1, despite its ``destroy_process_group()`` in a ``finally:``), and
+    torchrun then stops rank 1, all within the mesh's timeout + 30 s."""
+    log = tmp_path / "log.txt"
+    proc = torchrun.start(torchrun.command(FAULT_JOB, "stuck", tmp_path), log)
+    try:
+        _wait_for(lambda: len(list(tmp_path.glob("rank*.pid"))) == 2 or proc.poll() is not None,
+                  STARTUP, log)
+        start = time.monotonic()
+        code = torchrun.finish(proc, EXIT_BOUND)
+        took = time.monotonic() - start
+    finally:
+        torchrun.stop(proc)
+    text = log.read_text()
+    assert code is not None, f"the job still ran {EXIT_BOUND:g} s after the fault:\n{text}"
+    assert code != 0 and took < EXIT_BOUND, (code, took, text)
+    codes = _rank_exit_codes(text)
+    assert codes.get(0) == 1 and codes.get(1, 0) < 0, (codes, text)  # rank 1: killed (SIGTERM)
+    pids = [int(p.read_text()) for p in sorted(tmp_path.glob("rank*.pid"))]
+    assert len(pids) == 2 and not any(_alive(pid) for pid in pids), text
+    assert "PeerTimeout: psum on a distributed mesh" in text, text  # the traceback
+    assert "fdp: exiting with code 1 after a failed collective (PeerTimeout: psum" in text, text
+
+
+def test_a_torchrun_job_whose_ranks_disagree_exits_with_the_error_and_no_abort(tmp_path):
+    """The ValueError ends both ranks with code 1 (or torchrun's SIGTERM, for the one still
+    exiting when the other has failed), never an abort at exit (code 134, -6)."""
+    log = tmp_path / "log.txt"
+    proc = torchrun.start(torchrun.command(FAULT_JOB, "mismatch", tmp_path), log)
+    try:
+        code = torchrun.finish(proc, STARTUP + EXIT_BOUND)
+    finally:
+        torchrun.stop(proc)
+    text = log.read_text()
+    assert code == 1, text
+    assert "ValueError: psum: the ranks of the distributed mesh disagree" in text, text
+    assert "terminate called" not in text and "fdp: exiting" not in text, text
+    codes = _rank_exit_codes(text)
+    assert 1 in codes.values() and set(codes.values()) <= {1, -15}, (codes, text)
