@@ -22,6 +22,7 @@ __all__ = [
     "UninitializedTensorMixin",
     "add_note",
     "broadcast_prefix_and_flatten",
+    "compiling",
     "in_functorch_transform",
     "is_functorch_wrapped",
     "pytree",
@@ -124,6 +125,26 @@ def _broadcast_into(prefix: Any, node: Any, out: list[Any]) -> bool:
     if len(mine) != len(theirs) or my_context != their_context:
         return False
     return all(_broadcast_into(p, n, out) for p, n in zip(mine, theirs, strict=True))
+
+
+def compiling() -> bool:
+    """Whether torch.compile or torch.export traces the caller, *in this thread*.
+
+    ``torch.compiler.is_compiling()`` reads a process-wide flag that dynamo holds for the
+    whole compile session (torch 2.13), so eager code in another thread (a threads-mesh
+    replica, while a peer replica compiles) sees ``True`` too. Here: dynamo folds
+    ``is_dynamo_compiling()`` to ``True`` in what it traces (this function is inlined there,
+    so traced code never reaches the rest); eager code is traced only where this thread holds
+    a tracing context (``torch.export(strict=False)``, code run by this thread's compiler).
+    """
+    return torch.compiler.is_dynamo_compiling() or (
+        torch.compiler.is_compiling() and torch._guards.TracingContext.try_get() is not None)
+
+
+# Dynamo must never compile this function as a frame of its own: compiled alone it is
+# ``return True``, which an eager caller (a frame dynamo fell back from, whose callees dynamo
+# still compiles one by one) would believe. Traced callers still inline it.
+torch._dynamo.eval_frame.skip_code(compiling.__code__)
 
 
 def in_functorch_transform() -> bool:

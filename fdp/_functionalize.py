@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fdp import _check
-from fdp._compat import UninitializedTensorMixin
+from fdp._compat import UninitializedTensorMixin, compiling
 from fdp._tree import Params
 
 __all__ = ["Model", "functionalize"]
@@ -67,7 +67,7 @@ def functionalize(module: nn.Module) -> Model:
         _check_state(buffers, buffer_shapes, "buffers")
         # Copies are what the module may update in place; the caller's tensors stay untouched.
         new_buffers = {k: v.clone() for k, v in buffers.items()}
-        if torch.compiler.is_compiling():
+        if compiling():
             # one dict: functional_call writes buffers the module re-assigns back into it
             frozen = {k for k, p in module.named_parameters() if not p.requires_grad}
             state = {**{k: v.detach() if k in frozen else v for k, v in params.items()},

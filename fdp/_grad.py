@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from fdp import _check, _explain, _inputs, _tree
+from fdp._compat import compiling
 from fdp._inputs import batch_size
 from fdp._layout import Layout, Sharded, split_sizes
 from fdp._mesh import Mesh, check_mesh
@@ -227,7 +228,7 @@ def _missing_as_none(result: tuple[Any, dict], probe: _MissingGradients | None, 
     missing gradient is zeros): the gradients an eager run finds missing become ``None``."""
     if probe is None:
         return result
-    if not torch.compiler.is_compiling():
+    if not compiling():
         return result
     out, grads = result
     signature = probe.signature(plan, params, batch)
@@ -334,7 +335,7 @@ _LAYOUTS: dict[tuple, Layout] = {}  # a plain dict: torch.compile traces it, unl
 
 
 def _layout(rows: int, n: int, split: str | tuple[int, ...], dim: int) -> Layout:
-    if torch.compiler.is_compiling():  # traced once per shape anyway; a cache would add guards
+    if compiling():  # traced once per shape anyway; a cache would add guards
         return Layout(split_sizes(rows, n, split, "value_and_grad"), dim)
     key = (rows, n, split, dim)
     layout = _LAYOUTS.get(key)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from fdp import _check, _explain, _inputs, _tree
+from fdp._compat import compiling
 from fdp._layout import Layout, Sharded
 from fdp._mesh import Mesh, check_mesh
 from fdp.backends._base import Replica
@@ -118,7 +119,7 @@ def _static_argnums(value: Any, fn: Callable[..., Any]) -> tuple[int, ...]:
             f"of positional arguments), got {value!r}"
         )
     positions = tuple(sorted(set(items)))
-    if not positions or torch.compiler.is_compiling():  # dynamo cannot trace inspect
+    if not positions or compiling():  # dynamo cannot trace inspect
         return positions
     count = _positional_count(fn)
     bad = [] if count is None else _out_of_range(positions, count)

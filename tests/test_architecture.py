@@ -153,7 +153,8 @@ def test_a_backend_is_not_its_name():
 
 
 PRIVATE_TORCH = ("torch._C", "torch.utils._pytree", "_broadcast_to_and_flatten",
-                 "modules.batchnorm", "nn.parameter")
+                 "modules.batchnorm", "nn.parameter", "torch._guards", "torch._dynamo",
+                 "torch._functorch", "forward_ad._")
 
 
 def test_private_torch_apis_only_in_compat():

@@ -65,6 +65,50 @@ def test_functorch_transform_detection():
     assert seen == [True, True, True, True]
 
 
+def test_compiling_is_per_thread_and_true_only_where_traced():
+    """``compiling()`` is True in traced code (also under fullgraph), False in eager code, in
+    a frame dynamo fell back from, and in a thread other than the one compiling."""
+    import threading
+
+    def guarded(x):  # as fdp's collectives' guard: the raise makes dynamo fall back
+        if _compat.compiling():
+            raise RuntimeError("traced")
+        return x - 1
+
+    x = torch.ones(2)
+    assert not _compat.compiling()
+    assert torch.equal(torch.compile(lambda t: t + 1 if _compat.compiling() else t,
+                                     fullgraph=True)(x), x + 1)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(guarded)(x), x - 1)
+    seen: list[bool] = []
+
+    class Exported(nn.Module):
+        def forward(self, t):
+            seen.append(_compat.compiling())
+            return t.sin()
+
+    torch.export.export(Exported(), (x,), strict=False)
+    started, release = threading.Event(), threading.Event()
+
+    def slow_backend(gm, example_inputs):
+        started.set()
+        release.wait(30)
+        return gm
+
+    other = threading.Thread(target=lambda: torch.compile(lambda t: t.cos(),
+                                                          backend=slow_backend)(x))
+    other.start()
+    try:
+        assert started.wait(30)
+        seen += [torch.compiler.is_compiling(), _compat.compiling()]
+    finally:
+        release.set()
+        other.join(30)
+        torch._dynamo.reset()
+    assert seen == [True, True, False]
+
+
 def test_batchnorm_base_and_lazy_modules():
     for layer in (nn.BatchNorm1d(3), nn.BatchNorm2d(3), nn.SyncBatchNorm(3)):
         assert isinstance(layer, _compat.BatchNormBase)

@@ -17,10 +17,9 @@ from fdp._check import is_int
 from fdp._collectives._rules import (
     AllGather,
     AllReduce,
-    CommAllGather,
-    CommAllReduce,
+    comm_all_gather,
+    comm_all_reduce,
     guard_compile,
-    on_shared_tape,
     tree_collective,
 )
 from fdp.backends._frame import AxisFrame, lookup
@@ -76,10 +75,7 @@ def _all_reduce(tree: Any, axis_name: AxisName, op: ReduceOp, fn: str,
 
 def _reduce_leaf(x: torch.Tensor, frame: AxisFrame, op: ReduceOp) -> torch.Tensor:
     if frame.comm is not None:
-        x = x.to(frame.index.device)
-        if on_shared_tape(frame, x):
-            return frame.comm.tracked_all_reduce(x, op)
-        return CommAllReduce.apply(x, frame.comm, op)
+        return comm_all_reduce(x.to(frame.index.device), frame.comm, op, frame.tape)
     return AllReduce.apply(x, frame.index, op, frame.size)
 
 
@@ -196,10 +192,8 @@ def _gather_leaf(v: torch.Tensor, names: tuple[str, ...], ax: int) -> torch.Tens
     for k, name in enumerate(reversed(names)):
         frame = lookup(name, "all_gather")
         guard_compile("all_gather")
-        if frame.comm is not None and on_shared_tape(frame, v):
-            v = frame.comm.tracked_all_gather(v.to(frame.index.device)).movedim(0, ax)
-        elif frame.comm is not None:
-            v = CommAllGather.apply(v.to(frame.index.device), frame.comm, ax)
+        if frame.comm is not None:
+            v = comm_all_gather(v.to(frame.index.device), frame.comm, ax, frame.tape)
         else:
             v = AllGather.apply(v, frame.index, ax, frame.size)
         if k:  # [this axis, the inner ones (flattened)] -> one axis

@@ -23,20 +23,19 @@ from typing import Any
 import torch
 
 from fdp import _tree
-from fdp._compat import in_functorch_transform
+from fdp._compat import compiling, in_functorch_transform
 from fdp.backends._comm import Communicator
-from fdp.backends._frame import AxisFrame
 from fdp.backends._options import ReduceOp
 
-__all__ = ["AllGather", "AllReduce", "CommAllGather", "CommAllReduce", "guard_compile",
-           "on_shared_tape", "tree_collective"]
+__all__ = ["AllGather", "AllReduce", "CommAllGather", "CommAllReduce", "comm_all_gather",
+           "comm_all_reduce", "guard_compile", "on_shared_tape", "tree_collective"]
 
 InDims = tuple[int | None, ...]
 Batched = tuple[torch.Tensor, int | None]  # a vmap rule's output and its batch dim
 
 
 def guard_compile(fn: str) -> None:
-    if torch.compiler.is_compiling():
+    if compiling():
         raise RuntimeError(
             f"fdp.{fn} cannot be traced by torch.compile: the compiler drops custom vmap "
             f"rules (pytorch#129845) and would silently skip the collective. Compile the "
@@ -132,16 +131,30 @@ class AllGather(torch.autograd.Function):
 
 
 class CommAllReduce(torch.autograd.Function):
-    """A collective through a communicator (threads and distributed backends)."""
+    """A collective through a communicator (threads and distributed backends).
+
+    ``tape`` says whether the frame may put its collectives on the replicas' shared tape
+    (:func:`on_shared_tape`); :meth:`apply` then computes the result from every replica's
+    tracked input instead, at whichever level it is called: also where ``torch.func`` lowers
+    the collective (and its backward) to plain tensors, so that an outer ``.backward()`` finds
+    no rendezvous in the graph.
+    """
+
+    @classmethod
+    def apply(cls, x: torch.Tensor, comm: Communicator, op: ReduceOp,
+              tape: bool = False) -> torch.Tensor:
+        if on_shared_tape(tape):
+            return comm.tracked_all_reduce(x, op)
+        return super().apply(x, comm, op, tape)
 
     @staticmethod
-    def forward(x: torch.Tensor, comm: Communicator, op: ReduceOp) -> torch.Tensor:
+    def forward(x: torch.Tensor, comm: Communicator, op: ReduceOp, tape: bool) -> torch.Tensor:
         return comm.all_reduce(x, op)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        x, ctx.comm, ctx.op = inputs
-        ctx.comm = ctx.comm.pinned()  # backward may run in an autograd engine thread
+        x, comm, ctx.op, ctx.tape = inputs
+        ctx.comm = comm.pinned()  # backward may run in an autograd engine thread
         if ctx.op in ("max", "min"):
             ctx.save_for_backward(x, output)
             ctx.save_for_forward(x, output)
@@ -149,71 +162,100 @@ class CommAllReduce(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple:
         if ctx.op in ("sum", "mean"):
-            return CommAllReduce.apply(g, ctx.comm, ctx.op), None, None
+            return CommAllReduce.apply(g, ctx.comm, ctx.op, ctx.tape), None, None, None
         x, y = ctx.saved_tensors
         hit = (x == y).to(g.dtype)
-        total = CommAllReduce.apply(g, ctx.comm, "sum")
-        ties = CommAllReduce.apply(hit, ctx.comm, "sum")
-        return total * hit / ties, None, None
+        total = CommAllReduce.apply(g, ctx.comm, "sum", ctx.tape)
+        ties = CommAllReduce.apply(hit, ctx.comm, "sum", ctx.tape)
+        return total * hit / ties, None, None, None
 
     @staticmethod
     def jvp(ctx: Any, x_t: torch.Tensor, *_: Any) -> torch.Tensor:
         if ctx.op in ("sum", "mean"):
-            return CommAllReduce.apply(x_t, ctx.comm, ctx.op)
+            return CommAllReduce.apply(x_t, ctx.comm, ctx.op, ctx.tape)
         x, y = ctx.saved_tensors
         hit = (x == y).to(x_t.dtype)
-        ties = CommAllReduce.apply(hit, ctx.comm, "sum")
-        return CommAllReduce.apply(x_t * hit, ctx.comm, "sum") / ties
+        ties = CommAllReduce.apply(hit, ctx.comm, "sum", ctx.tape)
+        return CommAllReduce.apply(x_t * hit, ctx.comm, "sum", ctx.tape) / ties
 
     @staticmethod
-    def vmap(info: Any, in_dims: InDims, x: torch.Tensor, comm: Communicator, op: ReduceOp
-             ) -> Batched:
+    def vmap(info: Any, in_dims: InDims, x: torch.Tensor, comm: Communicator, op: ReduceOp,
+             tape: bool) -> Batched:
         # A vmap inside the replica: every replica has the same vmapped size, so one
         # elementwise collective over the stacked values serves all vmapped entries.
         if in_dims[0] is None:
-            return CommAllReduce.apply(x, comm, op), None
-        return CommAllReduce.apply(x.movedim(in_dims[0], 0), comm, op), 0
+            return CommAllReduce.apply(x, comm, op, tape), None
+        return CommAllReduce.apply(x.movedim(in_dims[0], 0), comm, op, tape), 0
 
 
 class CommAllGather(torch.autograd.Function):
+    """An all-gather through a communicator; ``tape`` as for :class:`CommAllReduce`."""
+
+    @classmethod
+    def apply(cls, x: torch.Tensor, comm: Communicator, axis: int,
+              tape: bool = False) -> torch.Tensor:
+        if on_shared_tape(tape):
+            return comm.tracked_all_gather(x).movedim(0, axis)
+        return super().apply(x, comm, axis, tape)
+
     @staticmethod
-    def forward(x: torch.Tensor, comm: Communicator, axis: int) -> torch.Tensor:
+    def forward(x: torch.Tensor, comm: Communicator, axis: int, tape: bool) -> torch.Tensor:
         return comm.all_gather(x).movedim(0, axis)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        _, comm, ctx.axis = inputs
+        _, comm, ctx.axis, ctx.tape = inputs
         ctx.comm = comm.pinned()
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple:
-        total = CommAllReduce.apply(g, ctx.comm, "sum")
-        return total.select(ctx.axis, ctx.comm.index()), None, None
+        total = CommAllReduce.apply(g, ctx.comm, "sum", ctx.tape)
+        return total.select(ctx.axis, ctx.comm.index()), None, None, None
 
     @staticmethod
     def jvp(ctx: Any, x_t: torch.Tensor, *_: Any) -> torch.Tensor:
-        return CommAllGather.apply(x_t, ctx.comm, ctx.axis)
+        return CommAllGather.apply(x_t, ctx.comm, ctx.axis, ctx.tape)
 
     @staticmethod
-    def vmap(info: Any, in_dims: InDims, x: torch.Tensor, comm: Communicator, axis: int
-             ) -> Batched:
+    def vmap(info: Any, in_dims: InDims, x: torch.Tensor, comm: Communicator, axis: int,
+             tape: bool) -> Batched:
         if in_dims[0] is None:
-            return CommAllGather.apply(x, comm, axis), None
-        return CommAllGather.apply(x.movedim(in_dims[0], 0), comm, axis + 1), 0
+            return CommAllGather.apply(x, comm, axis, tape), None
+        return CommAllGather.apply(x.movedim(in_dims[0], 0), comm, axis + 1, tape), 0
 
 
-def on_shared_tape(frame: AxisFrame, x: torch.Tensor) -> bool:
-    """Whether a collective should join the replicas' autograd graphs (threads backend).
+@torch.compiler.disable  # always eager: dynamo cannot trace the rendezvous (nor the override)
+def comm_all_reduce(x: torch.Tensor, comm: Communicator, op: ReduceOp,
+                    tape: bool) -> torch.Tensor:
+    """:class:`CommAllReduce` of a frame's communicator (``tape``: the frame's)."""
+    return CommAllReduce.apply(x, comm, op, tape)
+
+
+@torch.compiler.disable
+def comm_all_gather(x: torch.Tensor, comm: Communicator, axis: int,
+                    tape: bool) -> torch.Tensor:
+    """:class:`CommAllGather` of a frame's communicator (``tape``: the frame's)."""
+    return CommAllGather.apply(x, comm, axis, tape)
+
+
+def on_shared_tape(tape: bool) -> bool:
+    """Whether a collective of a frame with ``tape`` joins the replicas' autograd graphs
+    (threads backend): its output is then built from the other replicas' tracked inputs, so
+    the graph itself spans replicas and its backward needs no rendezvous.
 
     A ``.backward()`` after a threads-backend ``pmap`` runs every replica's backward in one
-    engine thread, where a rendezvous of cotangents cannot happen; the collective's output is
-    then built from the other replicas' (tracked) inputs, so the graph itself spans replicas.
-    Inside ``torch.func`` transforms or ``value_and_grad`` each replica differentiates in its
-    own thread, and the collective's backward is a collective again.
+    engine thread, where a rendezvous of cotangents cannot happen. That holds for plain tape
+    autograd in the replica, and equally for the plain-tensor level of a ``torch.func``
+    transform inside it: ``torch.func.grad`` computes its gradient (the collective's backward,
+    a collective again, run by each replica in its own thread) with a graph on the outer tape,
+    which an outer ``.backward()`` differentiates. Inside the transform itself (a functorch
+    level) the collective is an ``autograd.Function`` whose backward is a collective, as in
+    JAX (``psum`` transposes to ``psum``). ``value_and_grad``'s frames have no tape: each
+    replica differentiates its own graph, in its own thread.
+
+    Decided per frame and call site, never per tensor: every replica must take the same path.
     """
-    # Decided per frame, not per tensor: every replica must take the same path.
-    return (frame.tape and torch.is_grad_enabled()
-            and not in_functorch_transform())
+    return tape and torch.is_grad_enabled() and not in_functorch_transform()
 
 
 def tree_collective(tree: Any, fn: str, leaf_op: Any) -> Any:

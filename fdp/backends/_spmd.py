@@ -22,7 +22,7 @@ import torch
 from fdp import _tree
 from fdp._buffers import exchange_buffers
 from fdp._collectives import all_gather
-from fdp._compat import in_functorch_transform
+from fdp._compat import compiling, in_functorch_transform
 from fdp._layout import Layout
 from fdp.backends._base import Backend, GradPlan, MapBody, Params, PyTree, Replica
 from fdp.backends._comm import Communicator
@@ -69,7 +69,7 @@ class SpmdBackend(Backend):
     def check_transforms(self, fn: str) -> None:
         """torch.func transforms and torch.compile cannot follow replicas into other threads
         or processes; refuse instead of returning numbers that miss the transform."""
-        if torch.compiler.is_compiling() or in_functorch_transform():
+        if compiling() or in_functorch_transform():
             raise RuntimeError(
                 f"{fn} on a {self.name} mesh cannot run under torch.func transforms or "
                 f"torch.compile: its replicas run in other threads/processes, which the "

@@ -215,6 +215,12 @@ class _Pinned(Communicator):
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         return self._call("broadcast", x, src)
 
+    def tracked_all_reduce(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
+        return self._call("tracked_all_reduce", x, op)
+
+    def tracked_all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        return self._call("tracked_all_gather", x)
+
 
 class ThreadsBackend(SpmdBackend, StackedPlacement):
     """One replica per listed device, each replica's work in its own thread.

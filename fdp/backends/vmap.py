@@ -10,7 +10,7 @@ from torch.func import grad_and_value, vmap
 
 from fdp import _check, _tree
 from fdp._buffers import reduce_buffers
-from fdp._compat import add_note, in_functorch_transform
+from fdp._compat import add_note, compiling, in_functorch_transform
 from fdp.backends._base import Backend, GradPlan, MapBody, Params, PyTree, Replica
 from fdp.backends._comm import Unreachable
 from fdp.backends._fallback import (
@@ -98,7 +98,7 @@ class VmapBackend(StackedPlacement):
         """``fast()`` (vmap), or ``general(executor)`` as the executor option says."""
         if self.executor == "general":
             return general(self.general())
-        transformed = torch.compiler.is_compiling() or in_functorch_transform()
+        transformed = compiling() or in_functorch_transform()
         reason = autocast_reason(self.device) if self.executor == "auto" else None
         if reason is not None and not transformed:
             warn_fallback(what, reason, self.size, self.device)
@@ -215,7 +215,7 @@ def _plain_autograd_ok(params: Params) -> bool:
     """
     return (
         torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
+        and not compiling()
         and not in_functorch_transform()
         and not any(p.requires_grad for p in params.values())
     )

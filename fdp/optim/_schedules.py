@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from fdp import _check
-from fdp._compat import is_functorch_wrapped
+from fdp._compat import compiling, is_functorch_wrapped
 from fdp.optim import _base
 
 __all__ = [
@@ -233,7 +233,7 @@ def learning_rate_at(learning_rate: Any, count: torch.Tensor, fn: str) -> float 
         if lr.dim() != 0:
             raise ValueError(f"{fn}: the learning_rate schedule returned shape "
                              f"{tuple(lr.shape)}; a schedule must return a float or a 0-d tensor")
-        if torch.compiler.is_compiling() or is_functorch_wrapped(lr):
+        if compiling() or is_functorch_wrapped(lr):
             return lr
         bad = not bool(torch.isfinite(lr)) or bool(lr < 0)
     elif _check.is_number(lr):
