@@ -23,6 +23,7 @@ __all__ = [
     "add_note",
     "broadcast_prefix_and_flatten",
     "compiling",
+    "in_forward_ad",
     "in_functorch_transform",
     "is_functorch_wrapped",
     "pytree",
@@ -150,6 +151,15 @@ torch._dynamo.eval_frame.skip_code(compiling.__code__)
 def in_functorch_transform() -> bool:
     """Whether the caller runs inside a ``torch.func`` transform (vmap, grad, jvp, ...)."""
     return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def in_forward_ad() -> bool:
+    """Whether the caller runs inside a ``torch.func`` forward-mode transform (``jvp``,
+    ``jacfwd``, ``hessian``, ``linearize``) in this thread."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
 
 
 def is_functorch_wrapped(x: torch.Tensor) -> bool:

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["arity", "batchnorm_stats", "dtype_mismatch", "one_row_batchnorm", "randomness"]
+__all__ = ["arity", "batchnorm_stats", "dtype_mismatch", "forward_ad", "forward_ad_in_threads",
+           "one_row_batchnorm", "randomness"]
 
 _BATCHED_STATS = "Batch norm got a batched tensor"
 _RANDOM = "random operation while in randomness error mode"
@@ -205,3 +206,31 @@ def in_module(error: BaseException, layout: Any, params: dict[str, torch.Tensor]
                           "Pass DataParallel(module, mesh, randomness='different') (the "
                           "default) or 'same', or draw with fdp.random keys (keyed layers: "
                           "fdp.nn.convert_dropout(module))"))
+
+
+_FORWARD_AD = re.compile(r"forward AD|forward mode AD|forward grad|dual Tensor", re.IGNORECASE)
+_FORWARD_AD_REFUSED = "on a threads mesh: torch keeps forward-mode AD state"
+
+
+def forward_ad_in_threads(what: str) -> RuntimeError:
+    """The threads mesh's refusal of forward-mode AD in its replicas (``what`` ran there)."""
+    return RuntimeError(
+        f"{what} {_FORWARD_AD_REFUSED} (its dual levels) process-wide, so replica threads that "
+        f"run it at the same time corrupt each other's tangents (torch's forward-AD level "
+        f"errors, or wrong numbers). Use a vmap mesh, fdp.Mesh(n), for torch.func.jvp, "
+        f"jacfwd or hessian inside pmap, or reverse mode (torch.func.grad, vjp, jacrev) on "
+        f"this mesh"
+    )
+
+
+def forward_ad(error: BaseException) -> BaseException | None:
+    """A threads-mesh replica's error caused by forward-mode AD in the replica threads: fdp's
+    refusal as it is, torch's raw forward-AD level errors explained (``None``: another)."""
+    if _FORWARD_AD_REFUSED in str(error):
+        return error
+    if not isinstance(error, RuntimeError) or not _FORWARD_AD.search(str(error)):
+        return None
+    better = forward_ad_in_threads("forward-mode AD (torch.func.jvp, jacfwd, hessian, "
+                                   "torch.autograd.forward_ad) ran in the replicas")
+    better.__cause__ = error
+    return better

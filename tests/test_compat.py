@@ -65,6 +65,22 @@ def test_functorch_transform_detection():
     assert seen == [True, True, True, True]
 
 
+def test_forward_ad_transform_detection():
+    seen = []
+
+    def f(x):
+        seen.append(_compat.in_forward_ad())
+        return x.sin()
+
+    x = torch.ones(2)
+    f(x)
+    torch.func.grad(lambda t: f(t).sum())(x)
+    torch.func.jvp(f, (x,), (x,))
+    torch.func.vmap(lambda r: torch.func.jvp(f, (r,), (r,))[1])(torch.ones(3, 2))
+    torch.func.jacfwd(f)(x)
+    assert seen == [False, False, True, True, True]
+
+
 def test_compiling_is_per_thread_and_true_only_where_traced():
     """``compiling()`` is True in traced code (also under fullgraph), False in eager code, in
     a frame dynamo fell back from, and in a thread other than the one compiling."""

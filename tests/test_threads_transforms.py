@@ -108,3 +108,51 @@ def test_eager_collectives_while_another_thread_compiles():
         release.set()
         compiler.join(30)
         torch._dynamo.reset()
+
+
+_JVPS = {
+    "jvp(psum)": lambda v: torch.func.jvp(lambda u: fdp.psum(u.sin(), "dp"), (v,),
+                                          (torch.ones_like(v),))[1],
+    "jacfwd(all_gather)": lambda v: torch.func.jacfwd(
+        lambda u: fdp.all_gather(u.sin(), "dp").sum(0))(v),
+    "vmap(jvp(pmean))": lambda v: torch.func.vmap(lambda r: torch.func.jvp(
+        lambda u: fdp.pmean(u * u, "dp"), (r,), (r,))[1])(v),
+}
+
+
+@pytest.mark.parametrize("fn", list(_JVPS))
+def test_collectives_inside_forward_mode_ad_are_refused_on_threads(fn):
+    """torch's forward-AD levels are process-wide: concurrent jvps in replica threads raised
+    torch's level errors or returned wrong tangents, at random. Every replica must be inside
+    its jvp at once to meet in the collective, so no lock can serialise them: refused, with
+    the fix; the vmap mesh computes it."""
+    x = torch.randn(4, 3, dtype=f64)
+    for _ in range(10):
+        with pytest.raises(RuntimeError, match=r"process-wide.*fdp\.Mesh\(n\)") as info:
+            fdp.pmap(_JVPS[fn], threads_mesh(4))(x)
+        assert "threads mesh" in str(info.value)
+    out = fdp.pmap(_JVPS[fn], fdp.Mesh(4))(x)
+    if fn == "jvp(psum)":
+        assert_close(out, x.cos().sum(0).expand(4, 3), F64_REL)
+
+
+def test_torchs_forward_ad_errors_from_replicas_are_explained():
+    from fdp import _explain
+
+    raw = RuntimeError("Trying to access a forward AD level with an invalid index. This index "
+                       "was either not created or is already deleted.")
+    better = _explain.forward_ad(raw)
+    assert better is not None and better.__cause__ is raw
+    assert "process-wide" in str(better) and "fdp.Mesh(n)" in str(better)
+    assert _explain.forward_ad(better) is better
+    assert _explain.forward_ad(RuntimeError("shape mismatch")) is None
+    assert _explain.forward_ad(ValueError("forward AD")) is None
+
+
+def test_reverse_mode_inside_the_replicas_still_works():
+    x = torch.randn(4, 3, dtype=f64)
+
+    def body(v):
+        return torch.func.jacrev(lambda u: fdp.psum(u.sin(), "dp"))(v)
+
+    assert_close(fdp.pmap(body, threads_mesh(4))(x), fdp.pmap(body, fdp.Mesh(4))(x), F64_REL)

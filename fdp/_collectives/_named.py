@@ -20,6 +20,7 @@ from fdp._collectives._rules import (
     comm_all_gather,
     comm_all_reduce,
     guard_compile,
+    guard_forward_ad,
     tree_collective,
 )
 from fdp.backends._frame import AxisFrame, lookup
@@ -61,6 +62,7 @@ def _all_reduce(tree: Any, axis_name: AxisName, op: ReduceOp, fn: str,
         return tree
     frame = lookup(names[0], fn)
     guard_compile(fn)
+    guard_forward_ad(fn, frame.comm)
 
     def leaf_op(x: torch.Tensor) -> torch.Tensor:
         if op == "mean" and not (x.is_floating_point() or x.is_complex()):
@@ -192,6 +194,7 @@ def _gather_leaf(v: torch.Tensor, names: tuple[str, ...], ax: int) -> torch.Tens
     for k, name in enumerate(reversed(names)):
         frame = lookup(name, "all_gather")
         guard_compile("all_gather")
+        guard_forward_ad("all_gather", frame.comm)
         if frame.comm is not None:
             v = comm_all_gather(v.to(frame.index.device), frame.comm, ax, frame.tape)
         else:

@@ -23,12 +23,14 @@ from typing import Any
 import torch
 
 from fdp import _tree
-from fdp._compat import compiling, in_functorch_transform
+from fdp._compat import compiling, in_forward_ad, in_functorch_transform
+from fdp._explain import forward_ad_in_threads
 from fdp.backends._comm import Communicator
 from fdp.backends._options import ReduceOp
 
 __all__ = ["AllGather", "AllReduce", "CommAllGather", "CommAllReduce", "comm_all_gather",
-           "comm_all_reduce", "guard_compile", "on_shared_tape", "tree_collective"]
+           "comm_all_reduce", "guard_compile", "guard_forward_ad", "on_shared_tape",
+           "tree_collective"]
 
 InDims = tuple[int | None, ...]
 Batched = tuple[torch.Tensor, int | None]  # a vmap rule's output and its batch dim
@@ -41,6 +43,14 @@ def guard_compile(fn: str) -> None:
             f"rules (pytorch#129845) and would silently skip the collective. Compile the "
             f"fused step (fdp.value_and_grad) instead, or keep the pmap with collectives eager."
         )
+
+
+def guard_forward_ad(fn: str, comm: Communicator | None) -> None:
+    """Refuses a collective inside ``torch.func.jvp`` where the replicas cannot each run
+    forward-mode AD (threads: one process-wide forward-AD state, which no lock can share
+    when every replica must be inside its jvp at once to meet in the collective)."""
+    if comm is not None and not comm.forward_ad and in_forward_ad():
+        raise forward_ad_in_threads(f"fdp.{fn} inside torch.func.jvp (or jacfwd, hessian)")
 
 
 def _reduce(op: ReduceOp, x: torch.Tensor, dim: int | None, n: int) -> torch.Tensor:

@@ -27,6 +27,9 @@ class Communicator(ABC):
     """
 
     size: int
+    forward_ad: bool = True
+    """Whether replicas may communicate inside forward-mode AD (``torch.func.jvp``): not
+    where they share one process's forward-AD state (threads)."""
 
     @abstractmethod
     def index(self) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fdp import _check
+from fdp import _check, _explain
 from fdp._compat import add_note
 from fdp.backends._comm import Communicator
 from fdp.backends._options import ReduceOp
@@ -40,6 +40,8 @@ class ThreadComm(Communicator):
     replicas compare tags after the first barrier, so replicas that call different collectives
     or pass different shapes all raise the same ``ValueError`` instead of mixing data.
     """
+
+    forward_ad = False  # torch's forward-AD levels are process-wide, not per thread
 
     def __init__(self, devices: Sequence[torch.device], timeout: float,
                  replicas: Sequence[int] | None = None) -> None:
@@ -347,6 +349,9 @@ class ThreadsBackend(SpmdBackend, StackedPlacement):
         # the first replica that failed on its own, not because a peer aborted the rendezvous
         r, error = next(((r, e) for r, e in failures if not isinstance(e, ReplicaAborted)),
                         failures[0])
+        # forward-mode AD in the replicas fails in whichever replica the race hits first
+        r, error = next(((r, b) for r, e in failures if (b := _explain.forward_ad(e))),
+                        (r, error))
         add_note(error, f"raised in replica {r} of {self.size} (device {self.devices[r]}) "
                        f"of a threads mesh")
         raise error
