@@ -153,8 +153,8 @@ def _bn_dropout_training(mesh: fdp.Mesh, shard: bool) -> dict:
     """BatchNorm with buffer_policy="mean" and keyed dropout, one frozen parameter. (No bias
     before the BatchNorm: its gradient would be rounding noise, which Adam amplifies.)"""
     torch.manual_seed(3)
-    net = nn.Sequential(nn.Linear(3, 5, bias=False), nn.BatchNorm1d(5), nn.Tanh(), fdp.nn.Dropout(0.3),
-                        nn.Linear(5, 2)).double().train()
+    net = nn.Sequential(nn.Linear(3, 5, bias=False), nn.BatchNorm1d(5), nn.Tanh(),
+                        fdp.nn.Dropout(0.3), nn.Linear(5, 2)).double().train()
     net[4].bias.requires_grad_(False)
     model = fdp.functionalize(net)
 
@@ -220,7 +220,7 @@ def test_clear_errors():
     mesh = fdp.Mesh(2)
     params = {"w": torch.zeros(3, dtype=f64)}
     opt = optim.adam(0.1)
-    with pytest.raises(ValueError, match="pass it: TrainState.create"):
+    with pytest.raises(ValueError, match=r"pass it: TrainState\.create"):
         fdp.TrainState.create(params, opt, shard_optimizer_state=True)
     with pytest.raises(TypeError, match="shard_optimizer_state must be a bool"):
         fdp.TrainState.create(params, opt, mesh=mesh, shard_optimizer_state="yes")
