@@ -12,6 +12,8 @@ Measures (each ratio from candidates timed interleaved in the same run):
            and fdp with overlap), gloo, 2 ranks x 1 thread, MLP with 128 rows per rank
            (fresh processes per run, --runs runs)
   threads  fdp value_and_grad on the threads backend (["cpu"] * 2) / the vmap backend (Mesh(2))
+  zero     Adam's optimizer state per rank and the step time with shard_optimizer_state=True
+           / without, on gloo ranks (N = 2 and 4, 1 thread each, MLP 128 rows per rank)
   fallback the general executor (one thread per replica on the device) of Mesh(8): an LSTM,
            which vmap cannot run, and the MLP with executor="general" vs "vmap", each against
            the plain module fwd+bwd
@@ -27,11 +29,11 @@ from typing import Any
 
 import torch
 
-from fdp.bench import _distributed, _fallback, _memory, _models
+from fdp.bench import _distributed, _fallback, _memory, _models, _zero
 from fdp.bench._timing import time_interleaved
 
 SECTIONS = ("eager", "sweep", "compile", "memory", "jax", "distributed", "threads",
-            "fallback")
+            "fallback", "zero")
 
 
 def _row(table: list, measure: str, name: str, stats: dict, base: dict | None) -> None:
@@ -158,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         _distributed.bench_threads(rounds, table)
     if "fallback" in sections:
         _fallback.bench_fallback(rounds, 8, table)
+    if "zero" in sections:
+        _zero.bench_zero(max(rounds, 5), [2] if args.quick else [2, 4], table)
     _print(table)
     if args.json:
         meta = {"torch": torch.__version__, "python": platform.python_version(),
