@@ -29,6 +29,7 @@ from fdp._pmap import pmap
 from fdp._primitives import all_reduce, gather, replicate, scatter, unreplicate
 from fdp._train import TrainState, data_parallel_step
 from fdp._version import __version__ as __version__
+from fdp._zero import ShardedOptState
 from fdp.backends._fallback import FallbackWarning
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "Mesh",
     "Model",
     "Sharded",
+    "ShardedOptState",
     "SplitLoss",
     "TrainState",
     "accumulate",

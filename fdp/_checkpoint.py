@@ -14,6 +14,7 @@ import torch
 
 from fdp import _tree
 from fdp._mesh import Mesh, check_mesh
+from fdp._zero import ShardedOptState
 
 __all__ = ["load_checkpoint", "save_checkpoint"]
 
@@ -41,7 +42,11 @@ def save_checkpoint(path: str | os.PathLike, state: Any, *, mesh: Mesh | None = 
         mesh: on a mesh whose replicas live in several processes (``fdp.Mesh.distributed()``),
             pass it from every process: the state is replicated, so process 0 writes and the
             others wait until the file is in place (every process raises if the write
-            failed). Without ``mesh``, every process that calls this writes.
+            failed). Without ``mesh``, every process that calls this writes. A state whose
+            optimizer state is sharded over such a mesh (``shard_optimizer_state=True``) is
+            not replicated: every process writes its own file, ``state.rank{r}-of-{n}.pt``
+            in the folder (``name.rank{r}-of-{n}.pt`` for a file ``name.pt``), with its
+            slices of the optimizer state, and every process raises if any write failed.
 
     Returns:
         The path of the checkpoint file.
@@ -56,6 +61,12 @@ def save_checkpoint(path: str | os.PathLike, state: Any, *, mesh: Mesh | None = 
     if mesh is not None:
         check_mesh(mesh, "save_checkpoint")
     final, pairs = _together(mesh, "checking the arguments", lambda: _checked(path, state))
+    if _split_over_processes(state, mesh, "save_checkpoint"):
+        assert mesh is not None
+        final = _rank_file(final, mesh)
+        _together(mesh, f"writing the shard files (this one: {final.name})",
+                  lambda: _write(final, pairs))
+        return final
     if mesh is None or mesh.backend.process_index == 0:
         _together(mesh, "writing the file in process 0", lambda: _write(final, pairs))
     else:
@@ -110,9 +121,13 @@ def _write(final: Path, pairs: list[tuple[str, Any]]) -> None:
     _fsync_directory(final.parent)
 
 
-def load_checkpoint(path: str | os.PathLike, like: Any) -> Any:
+def load_checkpoint(path: str | os.PathLike, like: Any, *, mesh: Mesh | None = None) -> Any:
     """Reads the checkpoint at ``path`` (a folder or file, as :func:`save_checkpoint` takes)
     into the structure of ``like``.
+
+    For a state whose optimizer state is sharded over a mesh of several processes, pass that
+    ``mesh`` too: each process reads its own ``state.rank{r}-of-{n}.pt``, which must come from
+    a mesh with the same number of processes.
 
     ``like`` (e.g. a freshly created state) fixes the tree structure, dtypes, shapes and
     devices; the checkpoint must have exactly the same key paths, dtypes and shapes. A leaf
@@ -123,8 +138,25 @@ def load_checkpoint(path: str | os.PathLike, like: Any) -> Any:
         ValueError: the file is corrupt or truncated, or its structure differs from ``like``
             (the message names the first differing key path).
     """
+    if mesh is not None:
+        check_mesh(mesh, "load_checkpoint")
     file = _target(path, "load_checkpoint")
+    if _split_over_processes(like, mesh, "load_checkpoint"):
+        assert mesh is not None
+        file = _rank_file(file, mesh)
+        if not file.is_file():
+            others = sorted(p.name for p in file.parent.glob(f"{file.stem}.rank*-of-*"))
+            raise FileNotFoundError(
+                f"load_checkpoint: no shard file {file}"
+                + (f"; the folder holds {others[:3]}, saved from another number of processes "
+                   f"(a sharded optimizer state loads into the same number)" if others else ""))
     if not file.is_file():
+        shards = sorted(p.name for p in file.parent.glob(f"{file.stem}.rank*-of-*{file.suffix}"))
+        if shards:
+            raise FileNotFoundError(f"load_checkpoint: no checkpoint at {file}, but shard files "
+                                    f"of a sharded optimizer state ({shards[0]}, ...); pass "
+                                    f"mesh= (the distributed mesh) and a like= built with "
+                                    f"shard_optimizer_state=True")
         raise FileNotFoundError(f"load_checkpoint: no checkpoint at {file}")
     payload = _read(file)
     want = _tree.leaves_with_path(like, "state")
@@ -132,6 +164,32 @@ def load_checkpoint(path: str | os.PathLike, like: Any) -> Any:
     leaves = [stored.to(_load_device(ref)) if isinstance(ref, torch.Tensor) else stored
               for stored, (_, ref) in zip(payload["leaves"], want, strict=True)]
     return _tree.unflatten(leaves, _tree.flatten(like)[1])
+
+
+def _split_over_processes(state: Any, mesh: Mesh | None, fn: str) -> bool:
+    """Whether ``state``'s optimizer state is sharded and this process holds only its slices
+    (so that each process has its own file)."""
+    opt_state = getattr(state, "opt_state", None)
+    if not isinstance(opt_state, ShardedOptState):
+        return False
+    held = {x.shape[0] for x in _tree.flatten(opt_state.slices)[0]
+            if isinstance(x, torch.Tensor) and x.dim() > 0}
+    if mesh is None:
+        if held and held != {opt_state.mesh_size}:
+            raise ValueError(f"{fn}: state.opt_state is sharded and this process holds only "
+                             f"its own slices; pass mesh= (the distributed mesh) from every "
+                             f"process, so that each process has its own file")
+        return False
+    if opt_state.mesh_size != mesh.size:
+        raise ValueError(f"{fn}: state.opt_state is split over {opt_state.mesh_size} replicas "
+                         f"but the mesh has {mesh.size}; pass the mesh the state was made for")
+    return mesh.backend.local_size < mesh.size
+
+
+def _rank_file(final: Path, mesh: Mesh) -> Path:
+    processes = mesh.size // mesh.backend.local_size
+    return final.with_name(f"{final.stem}.rank{mesh.backend.process_index}-of-{processes}"
+                           f"{final.suffix}")
 
 
 def _load_device(ref: torch.Tensor) -> torch.device:

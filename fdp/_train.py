@@ -10,8 +10,9 @@ import torch
 from fdp import _check, _explain, _tree
 from fdp._accumulate import accumulate
 from fdp._grad import value_and_grad
-from fdp._mesh import Mesh
+from fdp._mesh import Mesh, check_mesh
 from fdp._tree import Params
+from fdp._zero import ShardedOptState, check_sharded, init_sharded, sharded_update
 from fdp.backends._base import SplitLoss
 from fdp.backends._options import (
     BufferPolicy,
@@ -55,11 +56,26 @@ class TrainState(NamedTuple):
         optimizer: Any,
         buffers: Params | None = None,
         seed: int = 0,
+        *,
+        mesh: Mesh | None = None,
+        shard_optimizer_state: bool = False,
     ) -> TrainState:
         """A fresh state: ``optimizer.init(params)``, step 0, a generator seeded with ``seed``.
 
         ``params`` and ``buffers`` are copied, so later in-place changes to a module they came
         from do not reach the state.
+
+        Args:
+            params: parameter name -> tensor.
+            optimizer: an :mod:`fdp.optim` ``GradientTransformation``.
+            buffers: buffer name -> tensor (default: none).
+            seed: seeds the state's ``rng``.
+            mesh: the mesh the state is for; needed (only) with ``shard_optimizer_state``.
+            shard_optimizer_state: split the optimizer state over ``mesh`` (ZeRO stage 1):
+                ``opt_state`` is then an :class:`fdp.ShardedOptState` holding this process's
+                slices, about ``1/N`` of the full state per replica; train it with
+                ``fdp.data_parallel_step(..., shard_optimizer_state=True)``. See
+                docs/training.md.
 
         Example:
             >>> state = fdp.TrainState.create({"w": torch.zeros(2)}, fdp.optim.sgd(0.1))
@@ -70,11 +86,22 @@ class TrainState(NamedTuple):
         _check.param_dict({} if buffers is None else buffers, "TrainState.create", "buffers")
         _check_optimizer(optimizer, "TrainState.create")
         _check.integer(seed, "TrainState.create", "seed")
+        if not isinstance(shard_optimizer_state, bool):
+            raise TypeError(f"TrainState.create: shard_optimizer_state must be a bool, got "
+                            f"{type(shard_optimizer_state).__name__}")
+        if mesh is not None:
+            check_mesh(mesh, "TrainState.create")
+        if shard_optimizer_state and mesh is None:
+            raise ValueError("TrainState.create: shard_optimizer_state=True splits the optimizer "
+                             "state over a mesh; pass it: TrainState.create(params, optimizer, "
+                             "mesh=mesh, shard_optimizer_state=True)")
         generator = torch.Generator().manual_seed(seed)
+        opt_state = (init_sharded(params, optimizer, mesh)
+                     if shard_optimizer_state and mesh is not None else optimizer.init(params))
         return cls(
             params={k: v.detach().clone() for k, v in params.items()},
             buffers={k: v.detach().clone() for k, v in (buffers or {}).items()},
-            opt_state=optimizer.init(params),
+            opt_state=opt_state,
             step=torch.zeros((), dtype=torch.int64),
             rng=generator.get_state(),
         )
@@ -96,6 +123,7 @@ def data_parallel_step(
     randomness: Randomness = "error",
     key: torch.Tensor | None = None,
     unused: Unused = "none",
+    shard_optimizer_state: bool = False,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]:
     """Builds ``step(state, batch) -> (new_state, metrics)``: one data-parallel update.
 
@@ -137,6 +165,13 @@ def data_parallel_step(
             ``torch.compile`` this costs a graph break on the first call per batch shape,
             which ``fullgraph=True`` refuses; ``"zeros"`` gives such parameters a zero
             gradient instead (as ``torch.func.grad``), with no graph break.
+        shard_optimizer_state: ZeRO stage 1: each replica keeps the optimizer state of one
+            ``1/N`` slice of the flattened parameters and updates only that slice; the
+            updated slices are all-gathered into the new params. The state must come from
+            ``fdp.TrainState.create(..., mesh=mesh, shard_optimizer_state=True)``. The result
+            equals the unsharded step (up to the rounding of a global norm's sum); every
+            :mod:`fdp.optim` transformation works, a global-norm clip sums over all slices
+            (:func:`fdp.optim.sum_over_shards`). See docs/training.md.
 
     Returns:
         ``step(state, batch)``; ``metrics`` holds ``"loss"`` (the full batch's loss) and
@@ -157,6 +192,10 @@ def data_parallel_step(
     """
     if key is not None:
         _key_words(key, "data_parallel_step")
+    if not isinstance(shard_optimizer_state, bool):
+        raise TypeError(f"data_parallel_step: shard_optimizer_state must be a bool, got "
+                        f"{type(shard_optimizer_state).__name__}")
+    check_mesh(mesh, "data_parallel_step")
 
     _check_optimizer(optimizer, "data_parallel_step")
     _check.callable_(loss_fn, "data_parallel_step", "loss_fn")
@@ -202,9 +241,15 @@ def data_parallel_step(
                 raise
             raise better from e
         loss, aux = out if has_aux else (out, None)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new_state = state._replace(params=apply_updates(state.params, updates),
-                                   buffers=buffers, opt_state=opt_state, step=state.step + 1)
+        if shard_optimizer_state:
+            sharded = check_sharded(state.opt_state, mesh, "data_parallel_step")
+            params, opt_state = sharded_update(optimizer, mesh, grads, sharded, state.params)
+        else:
+            _not_sharded(state.opt_state)
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = apply_updates(state.params, updates)
+        new_state = state._replace(params=params, buffers=buffers, opt_state=opt_state,
+                                   step=state.step + 1)
         metrics: dict[str, Any] = {
             "loss": loss,
             "num_examples": torch.tensor(_rows(batch, dim), dtype=torch.int64),
@@ -231,6 +276,13 @@ def _explained(error: Exception, state: TrainState, loss_fn: Callable[..., Any],
         )
     return _explain.arity(error, fn, loss_fn, 3,
                           f"with {needs} it is called as loss_fn(params, buffers, batch)")
+
+
+def _not_sharded(opt_state: Any) -> None:
+    if isinstance(opt_state, ShardedOptState):
+        raise ValueError("data_parallel_step: state.opt_state is sharded over a mesh "
+                         "(fdp.ShardedOptState); train it with data_parallel_step(..., "
+                         "shard_optimizer_state=True)")
 
 
 def _check_optimizer(optimizer: Any, fn: str) -> None:

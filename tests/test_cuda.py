@@ -1,6 +1,12 @@
-"""The vmap backend on a GPU gives the CPU's numbers. Skipped without CUDA (as in CI)."""
+"""The vmap backend on a GPU gives the CPU's numbers, and ``python -m fdp.bench --device cuda``
+runs. Skipped without CUDA (as in CI); ``scripts/device-check.sh`` runs them on a GPU."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +15,8 @@ from torch import nn
 import fdp
 from tests.helpers import F64_REL, assert_close
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 @pytest.mark.parametrize("split", ["chunk", "even", [5, 0, 3, 2]])
@@ -43,3 +50,18 @@ def test_pmap_collectives_and_masks_on_cuda():
         sharded, sharded.mask)
     assert total.item() == x.sum().item()
     assert torch.equal(fdp.gather(sharded, mesh), x)
+
+
+def test_bench_device_cuda_quick_runs(tmp_path):
+    """Every GPU section (in a fresh process: it creates a 1-rank NCCL group of its own)."""
+    path = tmp_path / "bench.json"
+    out = subprocess.run([sys.executable, "-m", "fdp.bench", "--device", "cuda", "--quick",
+                          "--rounds", "2", "--workload", "mlp", "--json", str(path)],
+                         capture_output=True, text=True, timeout=400,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-4000:]
+    data = json.loads(path.read_text())
+    assert data["meta"]["device"] == "cuda" and data["meta"]["gpu"]
+    measures = {r["measure"] for r in data["results"]}
+    assert measures == {"eager", "sweep", "compile", "memory", "distributed"}, measures
+    assert all(r["ratio"] > 0 for r in data["results"] if r.get("ratio") is not None)

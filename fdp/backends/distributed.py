@@ -32,12 +32,12 @@ from fdp._layout import Layout
 from fdp.backends import _dist_exit, _dist_module
 from fdp.backends._base import GradPlan, ModuleCall, ModuleResult, Params, PyTree
 from fdp.backends._comm import Communicator, Unreachable
+from fdp.backends._dist_agree import Agreement, BucketLayout, layout_of
 from fdp.backends._dist_comm import (
     FIRST_BUCKET_BYTES,
     DistComm,
     PeerFailure,
     PeerTimeout,
-    PendingCheck,
     plan_buckets,
 )
 from fdp.backends._options import ReduceOp
@@ -72,7 +72,8 @@ class DistributedBackend(SpmdBackend):
         self.first_bucket_bytes = min(bucket_bytes, FIRST_BUCKET_BYTES) if overlap \
             else bucket_bytes
         self.overlap = overlap
-        self._pending: PendingCheck | None = None
+        self._agreement: Agreement | None = None
+        self._agreed: list[BucketLayout | None] = [None]  # the layout the ranks agreed on
         self._subcomms: dict[tuple[int, ...], Communicator | None] = {}
 
     @classmethod
@@ -211,16 +212,19 @@ class DistributedBackend(SpmdBackend):
 
     def value_and_grad(self, plan: GradPlan, params: Params,
                        batch: PyTree) -> tuple[Any, Params]:
-        """SpmdBackend's step, after checking (overlapped with forward) that every rank passes
-        the same param shapes, batch shapes and split; gradient buckets skip their own check."""
-        self._pending = self._comm.start_check(_describe(plan, params, batch),
-                                               "value_and_grad")
-        if self.device.type == "cuda":  # verifying reads the result on the host: do it before
-            self.verify_inputs()        # queuing forward, not in the middle of backward
+        """SpmdBackend's step, checking that every rank passes the same param shapes, batch
+        shapes and split: in steady state by a fingerprint in the last gradient bucket, with
+        no collective of its own (see ``_dist_agree``)."""
+        parts = _describe(plan, params, batch)
+        parts += [f"unused={plan.unused}",
+                  f"buckets of {self.bucket_bytes} bytes, the first {self.first_bucket_bytes}"]
+        self._agreement = Agreement(self._comm, parts, self._agreed)
+        if self.device.type == "cuda":  # the first call's check reads its result on the host:
+            self._agreement.finish_check()  # before queuing forward, not amid backward
         try:
             return super().value_and_grad(plan, params, batch)
         finally:
-            self._pending = None
+            self._agreement = None
 
     def backward_and_reduce(self, comm: Communicator, term: torch.Tensor, params: Params,
                             keep_none: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -246,21 +250,20 @@ class DistributedBackend(SpmdBackend):
                    for (k, g), n in zip(out.items(), had.tolist(), strict=True)}
         return loss.to(term.dtype), out
 
-    def verify_inputs(self) -> None:
-        """Finishes the per-call check started by :meth:`value_and_grad` (once)."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.verify()
+    def agreement(self) -> Agreement | None:
+        """The cross-rank check of the ``value_and_grad`` call in progress."""
+        return self._agreement
 
 
 class _Reducer:
     """Sums ``[term, *reversed(params' grads)]`` over ranks in buckets, launched in order.
 
     Items are numbered in the order backward produces gradients (last layer first), with the
-    loss term as item 0 and, last, how many ranks had each parameter's gradient (filled in at
-    :meth:`finish`, so it rides in the last bucket: no extra collective). Bucket ``k`` starts
-    once all its items are ready and buckets ``0..k-1`` have started, so every rank launches
-    the same buckets in the same order even if its gradients arrive in another order.
+    loss term as item 0; then, with ``count_grads``, how many ranks had each parameter's
+    gradient (filled in at :meth:`finish`), and last the call's fingerprint (``_dist_agree``):
+    both ride in the last bucket, no extra collective. Bucket ``k`` starts once all its items
+    are ready and buckets ``0..k-1`` have started, so every rank launches the same buckets in
+    the same order even if its gradients arrive in another order.
     """
 
     _plans: ClassVar[dict[tuple, tuple[list[list[int]], list[int]]]] = {}
@@ -271,13 +274,22 @@ class _Reducer:
         # the loss travels in the params' dtype, so every replica's buckets match
         loss = term.detach().to(leaves[0].dtype)
         counts = [torch.zeros(len(leaves), dtype=leaves[0].dtype, device=leaves[0].device)]
-        self.like = [loss, *reversed(leaves), *(counts if count_grads else [])]
+        self.agreement = backend.agreement()
+        fp = self.agreement.fingerprint(loss) if self.agreement is not None else None
+        self.like = [loss, *reversed(leaves), *(counts if count_grads else []),
+                     *([fp] if fp is not None else [])]
         self.buckets, self.owner = self._plan(self.like, backend.bucket_bytes,
                                               backend.first_bucket_bytes)
+        self.layout = None if fp is None else layout_of(self.like, backend.bucket_bytes,
+                                                        backend.first_bucket_bytes)
         self.values: list[torch.Tensor | None] = [loss, *([None] * (len(self.like) - 1))]
-        self.count_grads = count_grads
+        self.params, self.count_grads = len(leaves), count_grads
         self.missing = [len(b) for b in self.buckets]
         self.missing[self.owner[0]] -= 1
+        self.fp_at = None if fp is None else len(self.like) - 1
+        if self.fp_at is not None:
+            self.values[self.fp_at] = fp
+            self.missing[self.owner[self.fp_at]] -= 1
         self.launched: list[tuple[Any, torch.Tensor]] = []
 
     @classmethod
@@ -306,7 +318,8 @@ class _Reducer:
 
     def _launch_ready(self) -> None:
         while len(self.launched) < len(self.buckets) and self.missing[len(self.launched)] == 0:
-            self.backend.verify_inputs()
+            if self.agreement is not None:  # every rank's buckets match (once per call)
+                self.agreement.settle(self.layout)
             idx = self.buckets[len(self.launched)]
             values = [self._value(i) for i in idx]
             self.launched.append(self.comm.launch(values, list(range(len(idx))), "sum"))
@@ -317,11 +330,11 @@ class _Reducer:
 
     def finish(self) -> list[torch.Tensor]:
         """Launches what is left (unused params count as zero) and waits for every bucket."""
-        if self.count_grads:  # params are items 1..P, last layer first
-            params = len(self.like) - 2
-            self.values[-1] = torch.tensor(
+        if self.count_grads:  # params are items 1..P, last layer first; then the counts
+            params = self.params
+            self.values[params + 1] = torch.tensor(
                 [self.values[params - j] is not None for j in range(params)],
-                dtype=self.like[-1].dtype, device=self.like[-1].device)
+                dtype=self.like[0].dtype, device=self.like[0].device)
         for b in range(len(self.buckets)):
             self.missing[b] = 0
         self._launch_ready()
@@ -331,6 +344,8 @@ class _Reducer:
                                      [self.like[i] for i in idx])
             for i, part in zip(idx, parts, strict=True):
                 out[i] = part
+        if self.fp_at is not None and self.agreement is not None:
+            self.agreement.verify(out.pop(self.fp_at))  # type: ignore[arg-type]
         return out  # type: ignore[return-value]
 
 

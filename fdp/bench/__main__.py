@@ -12,9 +12,16 @@ Measures (each ratio from candidates timed interleaved in the same run):
            and fdp with overlap), gloo, 2 ranks x 1 thread, MLP with 128 rows per rank
            (fresh processes per run, --runs runs)
   threads  fdp value_and_grad on the threads backend (["cpu"] * 2) / the vmap backend (Mesh(2))
+  zero     Adam's optimizer state per rank and the step time with shard_optimizer_state=True
+           / without, on gloo ranks (N = 2 and 4, 1 thread each, MLP 128 rows per rank)
   fallback the general executor (one thread per replica on the device) of Mesh(8): an LSTM,
            which vmap cannot run, and the MLP with executor="general" vs "vmap", each against
            the plain module fwd+bwd
+
+With --device cuda (needs a CUDA build of torch and a GPU; without one it exits with status 2
+and says why): eager, sweep, compile (mode="reduce-overhead": CUDA graphs), memory
+(torch.cuda.max_memory_allocated) and distributed (a 1-process NCCL group) on the GPU, every
+timed region bracketed by torch.cuda.synchronize() (see fdp/bench/_cuda.py).
 """
 
 from __future__ import annotations
@@ -27,11 +34,11 @@ from typing import Any
 
 import torch
 
-from fdp.bench import _distributed, _fallback, _memory, _models
+from fdp.bench import _cuda, _distributed, _fallback, _memory, _models, _zero
 from fdp.bench._timing import time_interleaved
 
 SECTIONS = ("eager", "sweep", "compile", "memory", "jax", "distributed", "threads",
-            "fallback")
+            "fallback", "zero")
 
 
 def _row(table: list, measure: str, name: str, stats: dict, base: dict | None) -> None:
@@ -116,13 +123,16 @@ def _print(table: list[dict[str, Any]]) -> None:
     for r in table:
         if "median_ms" in r:
             cols = f"{r['median_ms']:9.2f} {r['min_ms']:9.2f} {r['max_ms']:9.2f}"
+        elif "peak_cuda_mib" in r:
+            cols = f"{r['peak_cuda_mib']:8.0f}M {r['step_peak_mib']:8.1f}M {'':9}"
         elif "peak_rss_mib" in r:
             cols = f"{r['peak_rss_mib']:8.0f}M {r['step_peak_mib']:8.1f}M {'':9}"
         else:
             cols = " " * 29
         ratio = f"{r['ratio']:7.3f}" if r.get("ratio") is not None else ""
         print(f"{r['measure']:8} {r['name'][:52]:52} {cols} {ratio}")
-    print("times in ms. memory rows: peak RSS of the process, then the step's peak above the "
+    print("times in ms. memory rows: peak RSS of the process (--device cuda: peak allocated), "
+          "then the step's peak above the "
           "pre-step RSS; their ratio is of the step peaks. ratio: vs the first row of the group")
 
 
@@ -135,12 +145,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workload", choices=sorted(_models.WORKLOADS), action="append")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--runs", type=int, default=None, help="distributed: runs (default 3)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: the GPU sections (%(default)s by default)")
     args = p.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 30)
     sizes = [2, 8] if args.quick else [2, 4, 8, 16, 32]
     workloads = args.workload or sorted(_models.WORKLOADS)
-    sections = args.only or list(SECTIONS)
     table: list[dict[str, Any]] = []
+    if args.device == "cuda":
+        why = _cuda.missing()
+        if why is not None:
+            print(why, file=sys.stderr)
+            return 2
+        _cuda.run(args.only or list(_cuda.SECTIONS), rounds, args.quick, workloads, table)
+        return _finish(table, args, rounds)
+    sections = args.only or list(SECTIONS)
     if "eager" in sections:
         bench_eager(workloads, rounds, 8, table)
     if "sweep" in sections:
@@ -158,11 +177,19 @@ def main(argv: list[str] | None = None) -> int:
         _distributed.bench_threads(rounds, table)
     if "fallback" in sections:
         _fallback.bench_fallback(rounds, 8, table)
+    if "zero" in sections:
+        _zero.bench_zero(max(rounds, 5), [2] if args.quick else [2, 4], table)
+    return _finish(table, args, rounds)
+
+
+def _finish(table: list[dict[str, Any]], args: argparse.Namespace, rounds: int) -> int:
     _print(table)
     if args.json:
+        gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
         meta = {"torch": torch.__version__, "python": platform.python_version(),
                 "threads": torch.get_num_threads(), "rounds": rounds, "argv": sys.argv[1:],
-                "jax": getattr(sys.modules.get("jax"), "__version__", None)}
+                "jax": getattr(sys.modules.get("jax"), "__version__", None),
+                "device": args.device, "gpu": gpu, "cuda": torch.version.cuda}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": table}, f, indent=2)
     return 0

@@ -31,6 +31,11 @@ class Workload:
     def params(self) -> dict[str, torch.Tensor]:
         return fdp.functionalize(self.module).params
 
+    def to(self, device: torch.device) -> Workload:
+        """The same workload with its module and batch on ``device``."""
+        return Workload(self.name, self.module.to(device),
+                        {k: v.to(device) for k, v in self.batch.items()})
+
 
 def mlp(batch_size: int = 256) -> Workload:
     torch.manual_seed(0)
@@ -68,19 +73,36 @@ def plain_step(w: Workload) -> Callable[[], Any]:
     return step
 
 
-def functional_step(w: Workload, compiled: bool = False) -> Callable[[], Any]:
-    """Single-device functional step: torch.func.grad of the same loss."""
+def functional_step(w: Workload, compiled: bool = False,
+                    mode: str | None = None) -> Callable[[], Any]:
+    """Single-device functional step: torch.func.grad of the same loss (``mode``: of
+    ``torch.compile``, e.g. ``"reduce-overhead"`` for CUDA graphs)."""
     loss, params, batch = w.loss_fn(), w.params(), w.batch
     fn = grad_and_value(loss)
     if compiled:
-        fn = torch.compile(fn)
+        return _compiled(fn, mode, params, batch)
     return lambda: fn(params, batch)
 
 
-def dp_step(w: Workload, n: int, compiled: bool = False) -> Callable[[], Any]:
-    """fdp's data-parallel step over ``n`` virtual replicas (vmap backend)."""
-    vg = fdp.value_and_grad(w.loss_fn(), fdp.Mesh(n))
-    if compiled:
-        vg = torch.compile(vg)
+def dp_step(w: Workload, n: int, compiled: bool = False,
+            mode: str | None = None) -> Callable[[], Any]:
+    """fdp's data-parallel step over ``n`` virtual replicas (vmap backend), on the device of
+    the workload's batch."""
+    vg = fdp.value_and_grad(w.loss_fn(), fdp.Mesh(n, device=w.batch["x"].device))
     params, batch = w.params(), w.batch
+    if compiled:
+        return _compiled(vg, mode, params, batch)
     return lambda: vg(params, batch)
+
+
+def _compiled(fn: Callable, mode: str | None, params: dict,
+              batch: dict) -> Callable[[], Any]:
+    compiled = torch.compile(fn, mode=mode)
+    if mode != "reduce-overhead":
+        return lambda: compiled(params, batch)
+
+    def step() -> None:  # CUDA graphs: each call is a new step, its outputs are not kept
+        torch.compiler.cudagraph_mark_step_begin()
+        compiled(params, batch)
+
+    return step

@@ -18,7 +18,13 @@ Example:
 """
 
 from fdp.optim._adam import AdamState, adam, adamw
-from fdp.optim._base import EmptyState, GradientTransformation, apply_updates, chain
+from fdp.optim._base import (
+    EmptyState,
+    GradientTransformation,
+    apply_updates,
+    chain,
+    sum_over_shards,
+)
 from fdp.optim._clip import clip_by_global_norm, global_norm
 from fdp.optim._rmsprop import RMSPropState, rmsprop
 from fdp.optim._schedules import (
@@ -52,5 +58,6 @@ __all__ = [
     "rmsprop",
     "sgd",
     "step_schedule",
+    "sum_over_shards",
     "warmup_cosine_decay_schedule",
 ]

@@ -20,8 +20,10 @@ correction, as torch does. (SGD's "first step" of the momentum buffer is the opt
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -29,7 +31,7 @@ import torch
 from fdp import _check, _tree
 from fdp._compat import pytree
 
-__all__ = ["EmptyState", "GradientTransformation", "apply_updates", "chain"]
+__all__ = ["EmptyState", "GradientTransformation", "apply_updates", "chain", "sum_over_shards"]
 
 PyTree = Any
 Updates = Any
@@ -124,6 +126,45 @@ def _paths_if_needed(tree: PyTree, leaves: list[Any]) -> list[tuple[str, Any]]:
     if all(isinstance(x, torch.Tensor) for x in leaves):
         return []
     return _tree.leaves_with_path(tree)
+
+
+# --- sharded optimizer state -------------------------------------------------------------------
+
+_SHARDS = threading.local()  # each replica of the threads backend runs its update in a thread
+
+
+def sum_over_shards(x: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x`` over every replica's slice of the parameters; ``x`` itself elsewhere.
+
+    With ``fdp.data_parallel_step(..., shard_optimizer_state=True)`` each replica updates only
+    its slice of the (flattened) parameters, so a quantity over *all* parameters — a global
+    norm, a count — must be summed over the slices. A transformation computes its part from the
+    leaves it sees and passes it through this function: inside a sharded update it is a
+    :func:`fdp.psum` over the mesh, otherwise the identity. :func:`clip_by_global_norm` sums
+    its squared norm this way.
+
+    Example:
+        >>> fdp.optim.sum_over_shards(torch.tensor(3.0))  # not sharded: unchanged
+        tensor(3.)
+    """
+    total: Callable[[torch.Tensor], torch.Tensor] | None = getattr(_SHARDS, "total", None)
+    return x if total is None else total(x)
+
+
+def sharded() -> bool:
+    """Whether the current update runs on one slice of the parameters."""
+    return getattr(_SHARDS, "total", None) is not None
+
+
+@contextlib.contextmanager
+def summing_over_shards(total: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Makes :func:`sum_over_shards` call ``total`` (a ``psum``) in this thread."""
+    previous = getattr(_SHARDS, "total", None)
+    _SHARDS.total = total
+    try:
+        yield
+    finally:
+        _SHARDS.total = previous
 
 
 # --- checks shared by the optimizers ----------------------------------------------------------

@@ -13,7 +13,9 @@ __all__ = ["clip_by_global_norm", "global_norm"]
 
 def global_norm(tree: PyTree) -> torch.Tensor:
     """The 2-norm of all leaves together (the norm of the leaf norms, in leaf order; ``None``
-    leaves, no gradient, are left out).
+    leaves, no gradient, are left out). Inside an update on sharded optimizer state the leaves
+    are slices, and the norm is that of all slices together (see
+    :func:`fdp.optim.sum_over_shards`).
 
     Example:
         >>> fdp.optim.global_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])})
@@ -24,6 +26,8 @@ def global_norm(tree: PyTree) -> torch.Tensor:
         return torch.tensor(0.0)
     device = leaves[0].device
     norms = [torch.linalg.vector_norm(g, 2).to(device) for g in leaves]
+    if _base.sharded():  # a slice of every leaf: the squares summed over all slices
+        return _base.sum_over_shards(torch.stack(norms).square().sum()).sqrt()
     return torch.linalg.vector_norm(torch.stack(norms), 2)
 
 

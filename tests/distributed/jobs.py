@@ -412,3 +412,55 @@ def zoo_training_on(mesh: fdp.Mesh, name: str) -> dict:
 
 def dist_zoo_training(name: str) -> dict:
     return zoo_training_on(mesh_here(), name)
+
+
+# --- sharded optimizer state (ZeRO-1) -----------------------------------------------------------
+
+
+def _tensor_bytes(tree: Any) -> int:
+    return sum(x.numel() * x.element_size() for x in torch.utils._pytree.tree_leaves(tree)
+               if isinstance(x, torch.Tensor))
+
+
+def zero_training_on(mesh: fdp.Mesh, opt_name: str, microbatches: int) -> dict:
+    """Unsharded and sharded training of the same run, and this process's optimizer state."""
+    from tests.test_zero import zero_training
+
+    want, want_losses = zero_training(mesh, opt_name, microbatches, shard=False)
+    got, losses = zero_training(mesh, opt_name, microbatches, shard=True)
+    return {"want": want.params, "got": got.params, "want_losses": torch.stack(want_losses),
+            "losses": torch.stack(losses),
+            "state_bytes": torch.tensor(_tensor_bytes(got.opt_state.slices)),
+            "full_bytes": torch.tensor(_tensor_bytes(want.opt_state))}
+
+
+def dist_zero_training(opt_name: str, microbatches: int) -> dict:
+    return zero_training_on(mesh_here(), opt_name, microbatches)
+
+
+def dist_zero_checkpoint(folder: str) -> dict:
+    """Two sharded steps, a checkpoint (one file per process), a resumed run's next step."""
+    from tests.test_zero import zero_batches, zero_model, zero_optimizer
+
+    mesh = mesh_here()
+    model = zero_model()
+
+    def loss_fn(params: dict, batch: dict) -> Any:
+        out, _ = model.apply(params, model.buffers, batch["x"])
+        return (out - batch["y"]).square().mean()
+
+    opt = zero_optimizer("clip+adamw")
+    step = fdp.data_parallel_step(loss_fn, opt, mesh, shard_optimizer_state=True)
+
+    def fresh() -> fdp.TrainState:
+        return fdp.TrainState.create(model.params, opt, mesh=mesh, shard_optimizer_state=True)
+
+    batches = zero_batches(3)
+    state = fresh()
+    for batch in batches[:2]:
+        state, _ = step(state, batch)
+    path = fdp.save_checkpoint(folder, state, mesh=mesh)
+    resumed = fdp.load_checkpoint(folder, like=fresh(), mesh=mesh)
+    state, _ = step(state, batches[2])
+    resumed, _ = step(resumed, batches[2])
+    return {"name": path.name, "params": state.params, "resumed": resumed.params}

@@ -143,6 +143,87 @@ def test_ranks_that_disagree_on_shapes_get_a_clear_error(kind, expected):
     assert re.search(r"other ranks failed too: rank [01]: ValueError", notes), notes
 
 
+def _later_mismatch(kind: str) -> list[str]:
+    """Two agreed calls, then one where the ranks differ: the steady-state path (no check of
+    its own, a fingerprint in the last bucket) still raises the same error on every rank."""
+    mesh = _mesh()
+    rank = dist.get_rank()
+    spec = jobs.Spec(widths=(4,))
+    vg = fdp.value_and_grad(jobs.loss_fn(spec), mesh)
+    params = {k: v.detach() for k, v in jobs.module(spec).named_parameters()}
+    batch = {"x": torch.randn(6, 3, dtype=torch.float64),
+             "t": torch.randn(6, 2, dtype=torch.float64)}
+    seen = []
+    for _ in range(2):
+        seen.append(str(vg(params, batch)[0].item()))
+    if kind == "batch":  # same bucket sizes: found by the fingerprint
+        batch = {k: v[:5 + rank] for k, v in batch.items()}
+    elif kind == "params":  # other bucket sizes on rank 1 only
+        if rank == 1:
+            params = {k: v.detach() for k, v in
+                      jobs.module(jobs.Spec(widths=(5,))).named_parameters()}
+            vg = fdp.value_and_grad(jobs.loss_fn(jobs.Spec(widths=(5,))), mesh)
+    else:  # every rank changes alike: a new layout, agreed, then steady again
+        params = {k: v.detach() for k, v in
+                  jobs.module(jobs.Spec(widths=(5,))).named_parameters()}
+        vg = fdp.value_and_grad(jobs.loss_fn(jobs.Spec(widths=(5,))), mesh)
+        seen += [str(vg(params, batch)[0].item()) for _ in range(2)]
+        params = {k: v.detach() for k, v in jobs.module(spec).named_parameters()}
+        vg = fdp.value_and_grad(jobs.loss_fn(spec), mesh)
+    seen.append(str(vg(params, batch)[0].item()))
+    return seen
+
+
+@pytest.mark.parametrize(("kind", "expected"), [
+    ("batch", r"value_and_grad: .*rank 0: split=\[3, 2\] at dim=0, rank 1: split=\[3, 3\]"),
+    ("params", r"value_and_grad: .*rank 0: params\['0.weight'\]: float64\[4, 3\], "
+               r"rank 1: params\['0.weight'\]: float64\[5, 3\]"),
+])
+def test_ranks_that_disagree_after_agreed_calls_get_the_same_clear_error(kind, expected):
+    with pytest.raises(ValueError, match=expected) as info:
+        fdp.launch.run(_later_mismatch, 2, args=(kind,), timeout=RUN_TIMEOUT)
+    notes = "\n".join(info.value.__notes__)
+    assert re.search(r"other ranks failed too: rank [01]: ValueError", notes), notes
+
+
+def test_ranks_that_change_params_alike_keep_running():
+    results = fdp.launch.run(_later_mismatch, 2, args=("alike",), timeout=RUN_TIMEOUT)
+    assert results[0] == results[1] and len(results[0]) == 5
+
+
+def _collectives_per_call() -> list[dict[str, int]]:
+    """How many collectives each of 4 value_and_grad calls starts, by kind."""
+    from fdp.backends import _dist_comm
+
+    counts: dict[str, int] = {}
+
+    def counted(name: str, fn: Callable) -> Callable:
+        def wrapper(*args: object, **kwargs: object) -> object:
+            counts[name] = counts.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    _dist_comm._gather_single = counted("all_gather", _dist_comm._gather_single)
+    dist.all_reduce = counted("all_reduce", dist.all_reduce)
+    spec = jobs.Spec()
+    vg = fdp.value_and_grad(jobs.loss_fn(spec), fdp.Mesh.distributed(timeout=MESH_TIMEOUT))
+    params = {k: v.detach() for k, v in jobs.module(spec).named_parameters()}
+    per_call = []
+    for rows in (6, 6, 7, 6):  # a batch of another size: the same buckets, no check of its own
+        batch = {"x": torch.randn(rows, 3, dtype=torch.float64),
+                 "t": torch.randn(rows, 2, dtype=torch.float64)}
+        counts.clear()
+        vg(params, batch)
+        per_call.append(dict(counts))
+    return per_call
+
+
+def test_value_and_grad_starts_no_collective_of_its_own_in_steady_state():
+    per_call = fdp.launch.run(_collectives_per_call, 2, timeout=RUN_TIMEOUT)[0]
+    assert per_call[0] == {"all_gather": 1, "all_reduce": 1}, per_call  # the first call checks
+    assert per_call[1:] == [{"all_reduce": 1}] * 3, per_call  # then only the gradients' bucket
+
+
 def test_mesh_distributed_needs_an_initialized_process_group():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match=r"init_process_group\('gloo'\).*fdp.launch.run"):

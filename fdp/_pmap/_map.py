@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -11,9 +10,10 @@ from typing import Any
 import torch
 
 from fdp import _check, _explain, _inputs, _tree
-from fdp._compat import compiling
 from fdp._layout import Layout, Sharded
 from fdp._mesh import Mesh, check_mesh
+from fdp._pmap._outputs import agreed_outputs, place, replicated_number
+from fdp._pmap._static import Static, is_sharded, static_argnums, static_positions, unwrapping
 from fdp.backends._base import Replica
 from fdp.backends._frame import AxisFrame, bind_axis
 from fdp.backends._options import Randomness, check_randomness
@@ -21,10 +21,6 @@ from fdp.backends._options import Randomness, check_randomness
 __all__ = ["pmap"]
 
 Axes = Any  # int | None | a tree prefix of them
-
-
-def _is_sharded(x: Any) -> bool:
-    return isinstance(x, Sharded)
 
 
 def pmap(
@@ -84,14 +80,14 @@ def pmap(
         raise TypeError(f"pmap: axis_name must be a non-empty str, got {axis_name!r}")
     _check_axes_spec(in_axes, "in_axes")
     _check_axes_spec(out_axes, "out_axes")
-    static = _static_argnums(static_broadcasted_argnums, fn)
+    static = static_argnums(static_broadcasted_argnums, fn)
     check_randomness(randomness, "pmap")
 
     @functools.wraps(fn)
     def mapped(*args: Any, **kwargs: Any) -> Any:
         if not static:
             return _call(fn, mesh, name, in_axes, out_axes, args, kwargs, randomness)
-        fixed = _static_positions(static, len(args), args)
+        fixed = static_positions(static, len(args), args)
         axes = in_axes
         if isinstance(in_axes, (tuple, list)):
             if len(in_axes) != len(args):
@@ -102,99 +98,23 @@ def pmap(
                     f"ignored), as in jax.pmap"
                 )
             axes = tuple(None if i in fixed else a for i, a in enumerate(in_axes))
-        wrapped = tuple(_Static(a) if i in fixed else a for i, a in enumerate(args))
-        return _call(_unwrapping(fn), mesh, name, axes, out_axes, wrapped, kwargs, randomness)
+        wrapped = tuple(Static(a) if i in fixed else a for i, a in enumerate(args))
+        return _call(unwrapping(fn), mesh, name, axes, out_axes, wrapped, kwargs, randomness)
 
     return mapped
 
 
-def _static_argnums(value: Any, fn: Callable[..., Any]) -> tuple[int, ...]:
-    """Validates ``static_broadcasted_argnums`` against ``fn``'s signature where it can."""
-    items = (value,) if isinstance(value, int) else value
-    if not isinstance(items, (tuple, list, set, frozenset, range)) or not all(
-        _check.is_int(i) for i in items
-    ):
-        raise TypeError(
-            f"pmap: static_broadcasted_argnums must be an int or a sequence of ints (positions "
-            f"of positional arguments), got {value!r}"
-        )
-    positions = tuple(sorted(set(items)))
-    if not positions or compiling():  # dynamo cannot trace inspect
-        return positions
-    count = _positional_count(fn)
-    bad = [] if count is None else _out_of_range(positions, count)
-    if bad and count is not None:
-        raise ValueError(
-            f"pmap: static_broadcasted_argnums={value!r} has {bad}, out of range for "
-            f"{getattr(fn, '__name__', 'fn')}, which takes {_arguments(count)} "
-            f"(valid: {-count} .. {count - 1})"
-        )
-    return positions
-
-
-def _out_of_range(positions: tuple[int, ...], count: int) -> list[int]:
-    return [i for i in positions if not -count <= i < count]
-
-
-def _arguments(count: int) -> str:
-    return f"{count} positional argument{'s' if count != 1 else ''}"
-
-
-def _positional_count(fn: Callable[..., Any]) -> int | None:
-    """How many positional arguments ``fn`` can take, or None if unbounded or unknown."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    kinds = [p.kind for p in params]
-    if inspect.Parameter.VAR_POSITIONAL in kinds:
-        return None
-    return sum(k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-               for k in kinds)
-
-
-def _static_positions(static: tuple[int, ...], count: int, args: tuple) -> dict[int, Any]:
-    bad = _out_of_range(static, count)
-    if bad:
-        raise ValueError(
-            f"pmap: static_broadcasted_argnums has {bad}, but the function was called with "
-            f"{_arguments(count)}; pass the static values positionally (keyword arguments are "
-            f"always broadcast)"
-        )
-    fixed = {i % count: args[i] for i in static}
-    for i, value in fixed.items():
-        if _is_sharded(value):
-            raise ValueError(
-                f"pmap: args[{i}] is Sharded (split over replicas) but position {i} is in "
-                f"static_broadcasted_argnums; remove it from there to map it over replicas"
-            )
-    return fixed
-
-
-class _Static:
-    """A static argument: a pytree leaf that is not a tensor, so it is broadcast untouched."""
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-
-def _unwrapping(fn: Callable[..., Any]) -> Callable[..., Any]:
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return fn(*(a.value if isinstance(a, _Static) else a for a in args), **kwargs)
-    return call
-
-
 def _call(fn: Callable[..., Any], mesh: Mesh, name: str, in_axes: Axes, out_axes: Axes,
           args: tuple[Any, ...], kwargs: dict[str, Any], randomness: Randomness) -> Any:
-    pairs = _tree.leaves_with_path(args, "args", is_leaf=_is_sharded)
-    treedef = _tree.flatten(args, is_leaf=_is_sharded)[1]
+    pairs = _tree.leaves_with_path(args, "args", is_leaf=is_sharded)
+    treedef = _tree.flatten(args, is_leaf=is_sharded)[1]
     axes = _leaf_axes(in_axes, args)
     layouts: list[Layout] = []
     flat: list[Any] = []
     flat_axes: list[int | None] = []
     paths: list[str] = []
     for (path, leaf), axis in zip(pairs, axes, strict=True):
-        if _is_sharded(leaf):
+        if is_sharded(leaf):
             if axis != 0:
                 raise ValueError(f"pmap: {path} is Sharded (split over replicas) but its "
                                  f"in_axes is {axis}; a Sharded is mapped over its replica "
@@ -320,7 +240,7 @@ def _run(fn: Callable[..., Any], mesh: Mesh, name: str, out_axes: Axes, treedef:
         values = list(flat)
         for i, t in zip(mapped_pos, tensors[:n_mapped], strict=True):
             values[i] = t
-        args = _rebuild_args(values, treedef)
+        args = rebuild_args(values, treedef)
         frame = AxisFrame(name, mesh.size, replica.index, comm=replica.comm, mask=mask,
                           offset=offset, tape=replica.tape)
         with bind_axis(frame):
@@ -339,44 +259,22 @@ def _run(fn: Callable[..., Any], mesh: Mesh, name: str, out_axes: Axes, treedef:
         if (better := _explain.in_pmap(e)) is None:
             raise
         raise better from e
-    out_def, static = _agreed_outputs(out_info["calls"])
+    out_def, static = agreed_outputs(out_info["calls"])
     home, replicas = mesh.backend.home, mesh.backend.local_size
-    leaves = [next(results) if is_tensor else _replicated_number(x, replicas, home)
+    leaves = [next(results) if is_tensor else replicated_number(x, replicas, home)
               for is_tensor, x in static]
     outputs = _tree.unflatten(leaves, out_def)
     axes = _tree.broadcast_prefix(_align_prefix(out_axes, outputs, "out_axes", "outputs"), outputs,
                                   "out_axes", "outputs")
     paths = [p for p, _ in _tree.leaves_with_path(_tree.unflatten(leaves, out_def), "out")]
-    placed = [_place(x, a, p) for x, a, p in zip(leaves, axes, paths, strict=True)]
+    placed = [place(x, a, p) for x, a, p in zip(leaves, axes, paths, strict=True)]
     out = _tree.unflatten(placed, out_def)
     if layouts and all(a == 0 for a in axes):
         return Sharded(out, layouts[0])
     return out
 
 
-def _replicated_number(x: Any, replicas: int, device: torch.device) -> Any:
-    """A Python number that every replica returned comes back as a tensor with one entry per
-    replica, as ``jax.pmap`` returns it (strings, None and other static values stay as
-    they are)."""
-    if isinstance(x, (bool, int, float, complex)):
-        return torch.full((replicas,), x, device=device)
-    return x
-
-
-def _agreed_outputs(calls: list[tuple]) -> tuple[Any, list]:
-    """The output structure and static leaves, which every replica must agree on."""
-    _, out_def, static = calls[0]
-    for index, other_def, other_static in calls[1:]:
-        if other_def != out_def or other_static != static:
-            raise ValueError(
-                f"pmap: replica {int(index)} returned a different structure or different "
-                f"non-tensor values than replica {int(calls[0][0])}; every replica must return "
-                f"the same structure, and values that differ must be tensors"
-            )
-    return out_def, static
-
-
-def _rebuild_args(values: list, treedef: Any) -> tuple:
+def rebuild_args(values: list, treedef: Any) -> tuple:
     leaves, i = [], 0
     while i < len(values):
         v = values[i]
@@ -387,27 +285,3 @@ def _rebuild_args(values: list, treedef: Any) -> tuple:
             leaves.append(v)
             i += 1
     return _tree.unflatten(leaves, treedef)
-
-
-def _same_on_every_replica(x: torch.Tensor) -> bool:
-    first = x[:1].expand_as(x)
-    same = x == first
-    if x.is_floating_point() or x.is_complex():
-        same = same | (torch.isnan(x) & torch.isnan(first))
-    return bool(same.all())
-
-
-def _place(x: Any, axis: int | None, path: str) -> Any:
-    if not isinstance(x, torch.Tensor):
-        return x
-    if axis is None:
-        if x.shape[0] > 1 and x.stride(0) != 0 and not _same_on_every_replica(x):
-            raise ValueError(
-                f"pmap: out_axes=None for {path}, but its value differs across replicas; "
-                f"use out_axes=0, or reduce it inside the function (e.g. fdp.pmean)"
-            )
-        return x[0]
-    if not -x.dim() <= axis < x.dim():
-        raise ValueError(f"pmap: out_axes={axis} is out of range for {path}, which has "
-                         f"{x.dim() - 1} dims per replica")
-    return x.movedim(0, axis % x.dim())
