@@ -157,6 +157,10 @@ CASES = {
                         ValueError, r"axis=3 is out of range"),
     "psum_scatter size": (_pmap(lambda x: fdp.psum_scatter(x, "dp"), torch.ones(4, 3)),
                           ValueError, r"psum_scatter: dimension scatter_dimension=0 has size 3"),
+    "psum_scatter groups": (_pmap(lambda x: fdp.psum_scatter(
+        x, "dp", axis_index_groups=[[0, 1], [2, 3]]),
+                                  torch.ones(4, 4)),
+                            ValueError, r"psum_scatter: axis_index_groups is not supported"),
     "ppermute repeat": (_pmap(lambda x: fdp.ppermute(x, "dp", [(0, 1), (2, 1)]), torch.ones(4)),
                         ValueError, r"ppermute: perm\[1\]=\(2, 1\) repeats"),
     "axis tuple repeat": (_pmap(lambda x: fdp.psum(x, ("dp", "dp")), torch.ones(4)),

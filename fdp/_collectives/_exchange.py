@@ -23,7 +23,7 @@ __all__ = ["all_to_all", "ppermute", "pshuffle", "psum_scatter"]
 
 
 def psum_scatter(x: Any, axis_name: AxisName, *, scatter_dimension: int = 0,
-                 tiled: bool = False) -> Any:
+                 tiled: bool = False, axis_index_groups: Any = None) -> Any:
     """The sum over the replicas, of which each replica keeps one part (a reduce-scatter).
 
     Without ``tiled`` the value's ``scatter_dimension`` must have the axis size N and replica
@@ -38,6 +38,7 @@ def psum_scatter(x: Any, axis_name: AxisName, *, scatter_dimension: int = 0,
         tensor([4., 6.])
     """
     fn = "psum_scatter"
+    _no_groups(axis_index_groups, fn)
     names = axis_names(axis_name, fn)
     _check.integer(scatter_dimension, fn, "scatter_dimension")
     n = axis_size(names)
@@ -54,7 +55,7 @@ def psum_scatter(x: Any, axis_name: AxisName, *, scatter_dimension: int = 0,
 
 
 def all_to_all(x: Any, axis_name: AxisName, split_axis: int, concat_axis: int, *,
-               tiled: bool = False) -> Any:
+               tiled: bool = False, axis_index_groups: Any = None) -> Any:
     """Replica ``i`` receives part ``i`` (along ``split_axis``) of every replica's value,
     stacked (or, with ``tiled``, concatenated) in replica order along ``concat_axis``.
 
@@ -70,6 +71,7 @@ def all_to_all(x: Any, axis_name: AxisName, split_axis: int, concat_axis: int, *
                 [1., 3.]])
     """
     fn = "all_to_all"
+    _no_groups(axis_index_groups, fn)
     names = axis_names(axis_name, fn)
     _check.integer(split_axis, fn, "split_axis")
     _check.integer(concat_axis, fn, "concat_axis")
@@ -131,6 +133,14 @@ def pshuffle(x: Any, axis_name: AxisName, perm: Sequence[int]) -> Any:
         raise ValueError(f"{fn}: perm={perm!r} must be a permutation of 0..{n - 1} (replica i "
                          f"gets the value of replica perm[i])")
     return ppermute(x, axis_name, [(src, dst) for dst, src in enumerate(perm)])
+
+
+def _no_groups(groups: Any, fn: str) -> None:
+    if groups is not None:
+        raise ValueError(f"{fn}: axis_index_groups is not supported (fdp.psum, pmean, pmax, "
+                         f"pmin and all_gather take it); run {fn} over a mesh axis of the group "
+                         f"size instead (a nested pmap), or combine all_gather(..., "
+                         f"axis_index_groups=...) with indexing")
 
 
 def _sources(perm: Any, n: int, fn: str) -> list[int]:
