@@ -250,7 +250,7 @@ class DistributedBackend(SpmdBackend):
                    for (k, g), n in zip(out.items(), had.tolist(), strict=True)}
         return loss.to(term.dtype), out
 
-    def agreement(self) -> Agreement | None:
+    def _call_agreement(self) -> Agreement | None:
         """The cross-rank check of the ``value_and_grad`` call in progress."""
         return self._agreement
 
@@ -274,7 +274,7 @@ class _Reducer:
         # the loss travels in the params' dtype, so every replica's buckets match
         loss = term.detach().to(leaves[0].dtype)
         counts = [torch.zeros(len(leaves), dtype=leaves[0].dtype, device=leaves[0].device)]
-        self.agreement = backend.agreement()
+        self.agreement = backend._call_agreement()
         fp = self.agreement.fingerprint(loss) if self.agreement is not None else None
         self.like = [loss, *reversed(leaves), *(counts if count_grads else []),
                      *([fp] if fp is not None else [])]
