@@ -140,13 +140,15 @@ class SpmdBackend(Backend):
         yield
         if not all(torch.equal(a, b) for a, b in
                    zip(before, _generator_states(self.devices), strict=True)):
-            raise RuntimeError(
+            # a ValueError, as the vmap backend's error for the same mistake
+            raise ValueError(
                 f"{fn}: torch's generator moved during the step: a random op (e.g. dropout) ran "
                 f"in a replica with randomness='error' (or another thread of yours drew random "
                 f"numbers meanwhile: the generator is shared). "
                 f"Pass randomness='different' (draws then depend on the backend and, on "
-                f"threads, on scheduling), or draw with fdp.random keys, which give the same "
-                f"values on every backend"
+                f"threads, on scheduling), or draw with fdp.random keys (key=, with layers "
+                f"converted by fdp.nn.convert_dropout), which give the same values on every "
+                f"backend"
             )
 
     def backward_and_reduce(self, comm: Communicator, term: torch.Tensor, params: Params,
