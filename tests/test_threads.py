@@ -240,7 +240,7 @@ def test_mesh_arguments_are_checked():
 def test_torch_randomness_modes_on_threads():
     mesh = threads_mesh(2)
     x = torch.ones(2, 1000)
-    with pytest.raises(ValueError, match="randomness='error'.*convert_dropout"):
+    with pytest.raises(ValueError, match=r"randomness='error'.*convert_dropout"):
         fdp.pmap(lambda v: torch.nn.functional.dropout(v, 0.5), mesh)(x)
     with pytest.raises(ValueError, match="randomness='same' is not available"):
         fdp.pmap(lambda v: v, mesh, randomness="same")(x)
