@@ -74,7 +74,7 @@ def test_compiled_replicas_fall_back_to_eager_collectives_every_time():
     mesh = threads_mesh(4)
     x = torch.randn(4, 3, dtype=f64)
     eager = fdp.pmap(_body, mesh)(x)
-    for _ in range(8):
+    for _ in range(3):  # the deterministic race is tested below; this is the real one
         torch._dynamo.reset()
         assert_close(fdp.pmap(torch.compile(_body), mesh)(x), eager, F64_REL)
     torch._dynamo.reset()

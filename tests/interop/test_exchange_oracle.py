@@ -57,7 +57,7 @@ def _theirs(fn: Callable, x: np.ndarray, w: np.ndarray) -> tuple:
     return torch.from_numpy(np.array(out)), torch.from_numpy(np.array(grad))
 
 
-@settings(max_examples=20)  # JAX compiles each new shape; the cases are few and small
+@settings(max_examples=min(settings().max_examples, 20))  # JAX compiles each new shape
 @given(n=st.integers(1, 4), kind=st.sampled_from(["vmap", "threads"]),
        seed=st.integers(0, 2**16), data=st.data())
 def test_exchanges_and_their_gradients_match_jax(n, kind, seed, data):
