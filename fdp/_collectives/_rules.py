@@ -18,6 +18,7 @@ the pmap sees the right transpose; ``backward`` covers ``grad`` inside the pmap
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -67,6 +68,21 @@ def _reduce(op: ReduceOp, x: torch.Tensor, dim: int | None, n: int) -> torch.Ten
     return x.amin(dim)
 
 
+def _extreme_backward(g: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                      psum: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """pmax/pmin's transpose: the replicas that hold the extreme value ``y`` share the summed
+    cotangent equally (as ``torch.amax``)."""
+    hit = (x == y).to(g.dtype)
+    return psum(g) * hit / psum(hit)
+
+
+def _extreme_jvp(x_t: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                 psum: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """pmax/pmin's tangent: the mean of the tangents of the replicas that hold ``y``."""
+    hit = (x == y).to(x_t.dtype)
+    return psum(x_t * hit) / psum(hit)
+
+
 class AllReduce(torch.autograd.Function):
     @staticmethod
     def forward(x: torch.Tensor, index: torch.Tensor, op: ReduceOp, n: int) -> torch.Tensor:
@@ -84,21 +100,18 @@ class AllReduce(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor) -> tuple:
         if ctx.op in ("sum", "mean"):
             return AllReduce.apply(g, ctx.index, ctx.op, ctx.n), None, None, None
-        # The replicas that hold the extreme value share the gradient equally (as torch.amax).
         x, y = ctx.saved_tensors
-        hit = (x == y).to(g.dtype)
-        total = AllReduce.apply(g, ctx.index, "sum", ctx.n)
-        ties = AllReduce.apply(hit, ctx.index, "sum", ctx.n)
-        return total * hit / ties, None, None, None
+        total = _extreme_backward(g, x, y,
+                                  lambda t: AllReduce.apply(t, ctx.index, "sum", ctx.n))
+        return total, None, None, None
 
     @staticmethod
     def jvp(ctx: Any, x_t: torch.Tensor, *_: Any) -> torch.Tensor:
         if ctx.op in ("sum", "mean"):
             return AllReduce.apply(x_t, ctx.index, ctx.op, ctx.n)
         x, y = ctx.saved_tensors
-        hit = (x == y).to(x_t.dtype)
-        ties = AllReduce.apply(hit, ctx.index, "sum", ctx.n)
-        return AllReduce.apply(x_t * hit, ctx.index, "sum", ctx.n) / ties
+        return _extreme_jvp(x_t, x, y,
+                            lambda t: AllReduce.apply(t, ctx.index, "sum", ctx.n))
 
     @staticmethod
     def vmap(info: Any, in_dims: InDims, x: torch.Tensor, index: torch.Tensor, op: ReduceOp, n: int
@@ -174,19 +187,17 @@ class CommAllReduce(torch.autograd.Function):
         if ctx.op in ("sum", "mean"):
             return CommAllReduce.apply(g, ctx.comm, ctx.op, ctx.tape), None, None, None
         x, y = ctx.saved_tensors
-        hit = (x == y).to(g.dtype)
-        total = CommAllReduce.apply(g, ctx.comm, "sum", ctx.tape)
-        ties = CommAllReduce.apply(hit, ctx.comm, "sum", ctx.tape)
-        return total * hit / ties, None, None, None
+        total = _extreme_backward(g, x, y,
+                                  lambda t: CommAllReduce.apply(t, ctx.comm, "sum", ctx.tape))
+        return total, None, None, None
 
     @staticmethod
     def jvp(ctx: Any, x_t: torch.Tensor, *_: Any) -> torch.Tensor:
         if ctx.op in ("sum", "mean"):
             return CommAllReduce.apply(x_t, ctx.comm, ctx.op, ctx.tape)
         x, y = ctx.saved_tensors
-        hit = (x == y).to(x_t.dtype)
-        ties = CommAllReduce.apply(hit, ctx.comm, "sum", ctx.tape)
-        return CommAllReduce.apply(x_t * hit, ctx.comm, "sum", ctx.tape) / ties
+        return _extreme_jvp(x_t, x, y,
+                            lambda t: CommAllReduce.apply(t, ctx.comm, "sum", ctx.tape))
 
     @staticmethod
     def vmap(info: Any, in_dims: InDims, x: torch.Tensor, comm: Communicator, op: ReduceOp,
