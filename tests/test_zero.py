@@ -181,8 +181,9 @@ def test_buffer_policies_and_keys(mesh):
     assert_params_close(_bn_dropout_training(m, True), _bn_dropout_training(m, False))
 
 
-def test_checkpoint_round_trip_continues_the_same_run(tmp_path):
-    mesh = fdp.Mesh(3)
+def zero_checkpoint_run(mesh: fdp.Mesh, folder: Any, steps: int = 4) -> dict:
+    """Two sharded steps, a checkpoint, then the same further steps from the live state and
+    from the loaded one: ``{"name": file name, "params", "resumed", "opt_state"}``."""
     model = zero_model()
 
     def loss_fn(params: dict, batch: dict) -> Any:
@@ -195,19 +196,26 @@ def test_checkpoint_round_trip_continues_the_same_run(tmp_path):
     def fresh() -> fdp.TrainState:
         return fdp.TrainState.create(model.params, opt, mesh=mesh, shard_optimizer_state=True)
 
-    batches = zero_batches(4)
+    batches = zero_batches(steps)
     state = fresh()
     for batch in batches[:2]:
         state, _ = step(state, batch)
-    path = fdp.save_checkpoint(tmp_path, state, mesh=mesh)
-    assert path.name == "state.pt"  # one process holds every slice: one file
-    resumed = fdp.load_checkpoint(tmp_path, like=fresh(), mesh=mesh)
-    assert isinstance(resumed.opt_state, fdp.ShardedOptState)
+    path = fdp.save_checkpoint(folder, state, mesh=mesh)
+    resumed = fdp.load_checkpoint(folder, like=fresh(), mesh=mesh)
+    opt_state = resumed.opt_state
     for batch in batches[2:]:
         state, _ = step(state, batch)
         resumed, _ = step(resumed, batch)
-    for k in state.params:
-        assert torch.equal(resumed.params[k], state.params[k])
+    return {"name": path.name, "params": state.params, "resumed": resumed.params,
+            "opt_state": opt_state}
+
+
+def test_checkpoint_round_trip_continues_the_same_run(tmp_path):
+    run = zero_checkpoint_run(fdp.Mesh(3), tmp_path)
+    assert run["name"] == "state.pt"  # one process holds every slice: one file
+    assert isinstance(run["opt_state"], fdp.ShardedOptState)
+    for k in run["params"]:
+        assert torch.equal(run["resumed"][k], run["params"][k])
 
 
 def test_sum_over_shards_is_the_identity_outside_a_sharded_update():

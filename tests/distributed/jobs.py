@@ -440,27 +440,7 @@ def dist_zero_training(opt_name: str, microbatches: int) -> dict:
 
 def dist_zero_checkpoint(folder: str) -> dict:
     """Two sharded steps, a checkpoint (one file per process), a resumed run's next step."""
-    from tests.test_zero import zero_batches, zero_model, zero_optimizer
+    from tests.test_zero import zero_checkpoint_run
 
-    mesh = mesh_here()
-    model = zero_model()
-
-    def loss_fn(params: dict, batch: dict) -> Any:
-        out, _ = model.apply(params, model.buffers, batch["x"])
-        return (out - batch["y"]).square().mean()
-
-    opt = zero_optimizer("clip+adamw")
-    step = fdp.data_parallel_step(loss_fn, opt, mesh, shard_optimizer_state=True)
-
-    def fresh() -> fdp.TrainState:
-        return fdp.TrainState.create(model.params, opt, mesh=mesh, shard_optimizer_state=True)
-
-    batches = zero_batches(3)
-    state = fresh()
-    for batch in batches[:2]:
-        state, _ = step(state, batch)
-    path = fdp.save_checkpoint(folder, state, mesh=mesh)
-    resumed = fdp.load_checkpoint(folder, like=fresh(), mesh=mesh)
-    state, _ = step(state, batches[2])
-    resumed, _ = step(resumed, batches[2])
-    return {"name": path.name, "params": state.params, "resumed": resumed.params}
+    run = zero_checkpoint_run(mesh_here(), folder, steps=3)
+    return {k: run[k] for k in ("name", "params", "resumed")}
