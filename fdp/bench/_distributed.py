@@ -80,7 +80,13 @@ def _stepper(step: Callable, state: fdp.TrainState, batch: dict) -> Callable[[],
 
 def _measure(rounds: int, warmup: int = 5) -> dict[str, list[float]]:
     """Runs in every rank: the per-round times (ms) of each candidate."""
-    fns = _candidates(ROWS_PER_RANK)
+    return time_in_ranks(_candidates(ROWS_PER_RANK), rounds, warmup)
+
+
+def time_in_ranks(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int
+                  ) -> dict[str, list[float]]:
+    """Runs in every rank: each function's per-round times (ms), interleaved in a shuffled
+    order that every rank shares, with a barrier before each timed call."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()

@@ -9,9 +9,7 @@ are reported, the state bytes of the rank that holds the most.
 
 from __future__ import annotations
 
-import random
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +20,7 @@ import fdp
 import fdp.launch
 from fdp._compat import pytree
 from fdp.bench import _models
+from fdp.bench._distributed import time_in_ranks
 
 ROWS_PER_RANK = 128
 
@@ -49,18 +48,7 @@ def _measure(rounds: int, warmup: int = 3) -> dict[str, Any]:
             box[0], _ = step(box[0], w.batch)
 
         fns[name] = run
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    order, shuffle = list(fns), random.Random(0).shuffle
-    for _ in range(rounds):
-        shuffle(order)
-        for name in order:
-            dist.barrier()
-            start = time.perf_counter()
-            fns[name]()
-            samples[name].append((time.perf_counter() - start) * 1e3)
+    samples = time_in_ranks(fns, rounds, warmup)
     return {"bytes": held, "samples": samples,
             "params_bytes": _bytes(params)}
 
