@@ -143,3 +143,24 @@ def test_dtype_rules_and_python_numbers_match_jax(host_devices):
         assert fdp.pmap(lambda v: 3, mesh)(ints).tolist() == np.asarray(number).tolist()
         assert fdp.pmap(lambda v: fdp.axis_size(AXIS), mesh)(ints).tolist() == [n] * n
         assert fdp.pmap(lambda v: 2.5, mesh, out_axes=None)(ints).item() == 2.5
+
+
+@pytest.mark.parametrize("kind", ["vmap", "threads"])
+def test_axis_index_groups_match_jax_pmap(host_devices, kind):
+    n, groups = 4, [[0, 2], [3, 1]]  # not contiguous, members not sorted
+    mesh = fdp.Mesh(n) if kind == "vmap" else fdp.Mesh(devices=["cpu"] * n)
+    x = torch.randn(n, 3, dtype=torch.float64)
+
+    def program(lib: Any) -> Callable:
+        def f(v: Any) -> tuple:
+            return (lib.psum(v, AXIS, axis_index_groups=groups),
+                    lib.pmean(v, AXIS, axis_index_groups=groups),
+                    lib.pmax(v, AXIS, axis_index_groups=groups),
+                    lib.all_gather(v, AXIS, axis_index_groups=groups))
+        return f
+
+    ours = fdp.pmap(program(fdp), mesh)(x)
+    with jax.enable_x64(True):
+        theirs = jax.pmap(program(lax), axis_name=AXIS, devices=host_devices[:n])(x.numpy())
+    for a, b in zip(ours, theirs, strict=True):
+        assert_close(a, torch.from_numpy(np.array(b)), F64_REL)
