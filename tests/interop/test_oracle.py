@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -183,6 +183,7 @@ CASES = {"mlp": mlp_case, "cnn": cnn_case}
 
 
 @pytest.mark.parametrize("model", sorted(CASES))
+@settings(max_examples=min(settings().max_examples, 30))  # JAX compiles every new shape: ~3 s each
 @given(n=mesh_sizes, b=batch_sizes, data=st.data(), transform=st.sampled_from(["vmap", "pmap"]),
        collective=st.sampled_from(["pmean", "psum"]))
 def test_dp_loss_and_grads_equal_jax(host_devices, model, n, b, data, transform, collective):
