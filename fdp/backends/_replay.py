@@ -109,7 +109,7 @@ class Replays:
             return self._first(fused, plan, leaves, tensors, treedef, signature, eager)
         if isinstance(found, _Eager):
             if found.error is not None:
-                raise found.error
+                raise ValueError(str(found.error))
             return eager()
         result: T = found(tensors)
         return result
