@@ -25,7 +25,7 @@ def _mesh(n: int, executor: str = "replay") -> fdp.Mesh:
 
 
 def _graphs(mesh: fdp.Mesh) -> int:
-    return len(mesh.backend.replays())
+    return mesh.backend.replay_graphs
 
 
 def _net(kind: str, seed: int) -> nn.Module:

@@ -95,8 +95,12 @@ class VmapBackend(StackedPlacement):
             self._general = ThreadsBackend(self.devices, self.timeout, repeats_ok=True)
         return self._general
 
-    def replays(self) -> Replays:
-        """The traced steps of ``executor="replay"`` (see ``_replay.py``)."""
+    @property
+    def replay_graphs(self) -> int:
+        """How many traced steps ``executor="replay"`` keeps (one per input signature)."""
+        return 0 if self._replays is None else len(self._replays)
+
+    def _replayer(self) -> Replays:
         if self._replays is None:
             self._replays = Replays(self.size, self.device)
         return self._replays
@@ -151,7 +155,7 @@ class VmapBackend(StackedPlacement):
                              lambda general: general.value_and_grad(plan, params, batch))
 
         if self.executor == "replay":
-            return self.replays().value_and_grad(self._fused, plan, params, batch, eager)
+            return self._replayer().value_and_grad(self._fused, plan, params, batch, eager)
         return eager()
 
     def _fused(self, plan: GradPlan, params: Params, batch: PyTree) -> tuple[Any, Params]:
