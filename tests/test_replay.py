@@ -245,3 +245,36 @@ def test_the_option_is_named_in_the_mesh_and_checked():
     assert fdp.Mesh(2, executor="replay") != fdp.Mesh(2)
     with pytest.raises(ValueError, match="executor"):
         fdp.Mesh(devices=["cpu"], executor="replay")
+
+
+def test_microbatches_with_a_key_replay_exactly():
+    model = _dropout_model()
+
+    def loss_fn(params, batch):
+        return model.apply(params, model.buffers, batch)[0].pow(2).mean()
+
+    optimizer = fdp.optim.sgd(0.1)
+    params = {}
+    for executor in ("replay", "auto"):
+        mesh = fdp.Mesh(2, executor=executor)
+        step = fdp.data_parallel_step(loss_fn, optimizer, mesh, microbatches=2,
+                                      key=fdp.random.key(3))
+        state = fdp.TrainState.create(model.params, optimizer)
+        torch.manual_seed(0)
+        for _ in range(2):
+            state, _ = step(state, torch.randn(8, 4, dtype=torch.float64))
+        params[executor] = state.params
+    _assert_equal(params["replay"], params["auto"])
+    assert mesh.backend.replay_graphs == 0 and fdp.Mesh(2, executor="replay").backend \
+        .replay_graphs == 0
+
+
+def test_under_torch_compile_the_step_runs_as_traced_by_dynamo():
+    model = fdp.functionalize(_net("mlp", 5))
+    mesh = fdp.Mesh(2, executor="replay")
+    vg = fdp.value_and_grad(_loss(model), mesh)
+    batch = _batch("mlp", 6)
+    got = torch.compile(vg, backend="eager")(model.params, batch)
+    want = fdp.value_and_grad(_loss(model), _mesh(2, "auto"))(model.params, batch)
+    assert mesh.backend.replay_graphs == 0
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)

@@ -154,7 +154,7 @@ class VmapBackend(StackedPlacement):
             return self._run("value_and_grad", lambda: self._fused(plan, params, batch),
                              lambda general: general.value_and_grad(plan, params, batch))
 
-        if self.executor == "replay":
+        if self.executor == "replay" and not compiling():  # compiled: dynamo traces it
             return self._replayer().value_and_grad(self._fused, plan, params, batch, eager)
         return eager()
 
