@@ -37,8 +37,12 @@ class Mesh:
             ``torch.func.vmap``, the fast path; where vmap cannot run the function, e.g. an
             ``nn.LSTM``, ``.item()``, data-dependent control flow or autocast, the general
             executor, with a one-time :class:`fdp.FallbackWarning`), ``"vmap"`` (vmap only:
-            its errors raise) or ``"general"`` (always one thread per replica on ``device``:
-            exact for any function that runs on one device, without vmap's batching).
+            its errors raise), ``"general"`` (always one thread per replica on ``device``:
+            exact for any function that runs on one device, without vmap's batching) or
+            ``"replay"`` (``"auto"``, with :func:`fdp.value_and_grad`'s step traced once per
+            input signature and replayed: bitwise the same results without vmap's per-op
+            cost, for losses that read no Python state outside their arguments; see
+            docs/backends.md).
         timeout: seconds a replica thread may take (and wait in a collective) before the
             step fails with ``TimeoutError`` instead of hanging (threads backend, and the
             general executor of ``Mesh(n)``).

@@ -26,7 +26,8 @@ __all__ = ["FallbackWarning", "autocast_reason", "first_line", "may_fall_back", 
 class FallbackWarning(UserWarning):
     """A mesh of virtual replicas ran them on its general executor (one thread per replica)
     because ``torch.func.vmap`` cannot run the function; the results are exact, the speed is
-    not vmap's. Shown once per reason and operation; choose the executor explicitly with
+    not vmap's; or, with ``executor="replay"``, ran a step eagerly that cannot be traced for
+    replay. Shown once per reason and operation; choose the executor explicitly with
     ``fdp.Mesh(n, executor=...)`` to silence it."""
 
 

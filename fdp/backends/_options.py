@@ -56,11 +56,13 @@ BufferPolicy = Literal["replica0", "mean", "sync"]
 """Which of the replicas' updated buffers a step keeps (see :func:`fdp.data_parallel_step`
 and docs/training.md)."""
 
-Executor = Literal["auto", "vmap", "general"]
+Executor = Literal["auto", "vmap", "general", "replay"]
 """How a mesh of virtual replicas (``fdp.Mesh(n)``) runs them: ``"vmap"`` (one
 ``torch.func.vmap``: the fast path), ``"general"`` (one thread per replica on the mesh's device:
-exact for any function that runs on one device) or ``"auto"`` (vmap, and the general executor
-where vmap cannot run the function, with a one-time :class:`fdp.FallbackWarning`)."""
+exact for any function that runs on one device), ``"auto"`` (vmap, and the general executor
+where vmap cannot run the function, with a one-time :class:`fdp.FallbackWarning`) or
+``"replay"`` (``"auto"``, with :func:`fdp.value_and_grad`'s step traced once per input signature
+and replayed: opt-in, for losses without Python state, see docs/backends.md)."""
 
 Unused = Literal["zeros", "none"]
 """The gradient of a parameter the loss does not depend on (unused, or frozen with

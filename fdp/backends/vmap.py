@@ -22,6 +22,7 @@ from fdp.backends._fallback import (
 )
 from fdp.backends._frame import AxisFrame, bind_axis
 from fdp.backends._options import Executor, Randomness, Unused, check_executor
+from fdp.backends._replay import Replays
 from fdp.backends._stacked import StackedPlacement
 from fdp.backends.threads import ThreadsBackend
 
@@ -50,6 +51,7 @@ class VmapBackend(StackedPlacement):
         self.executor = executor
         self.timeout = timeout  # of the general executor's replicas
         self._general: ThreadsBackend | None = None
+        self._replays: Replays | None = None
 
     @classmethod
     def create(cls, n: object, device: torch.device | str | None, executor: object = "auto",
@@ -93,13 +95,23 @@ class VmapBackend(StackedPlacement):
             self._general = ThreadsBackend(self.devices, self.timeout, repeats_ok=True)
         return self._general
 
+    @property
+    def replay_graphs(self) -> int:
+        """How many traced steps ``executor="replay"`` keeps (one per input signature)."""
+        return 0 if self._replays is None else len(self._replays)
+
+    def _replayer(self) -> Replays:
+        if self._replays is None:
+            self._replays = Replays(self.size, self.device)
+        return self._replays
+
     def _run(self, what: str, fast: Callable[[], T],
              general: Callable[[Backend], T]) -> T:
         """``fast()`` (vmap), or ``general(executor)`` as the executor option says."""
         if self.executor == "general":
             return general(self.general())
         transformed = compiling() or in_functorch_transform()
-        reason = autocast_reason(self.device) if self.executor == "auto" else None
+        reason = autocast_reason(self.device) if self.executor != "vmap" else None
         if reason is not None and not transformed:
             warn_fallback(what, reason, self.size, self.device)
             return general(self.general())
@@ -138,8 +150,13 @@ class VmapBackend(StackedPlacement):
 
     def value_and_grad(self, plan: GradPlan, params: Params,
                        batch: PyTree) -> tuple[Any, Params]:
-        return self._run("value_and_grad", lambda: self._fused(plan, params, batch),
-                         lambda general: general.value_and_grad(plan, params, batch))
+        def eager() -> tuple[Any, Params]:
+            return self._run("value_and_grad", lambda: self._fused(plan, params, batch),
+                             lambda general: general.value_and_grad(plan, params, batch))
+
+        if self.executor == "replay" and not compiling():  # compiled: dynamo traces it
+            return self._replayer().value_and_grad(self._fused, plan, params, batch, eager)
+        return eager()
 
     def _fused(self, plan: GradPlan, params: Params, batch: PyTree) -> tuple[Any, Params]:
         """The fused formulation: gradient of the reduced, vmapped loss.

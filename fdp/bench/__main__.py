@@ -1,7 +1,8 @@
 """``python -m fdp.bench``: fdp's data-parallel step against plain PyTorch, one run, medians.
 
 Measures (each ratio from candidates timed interleaved in the same run):
-  eager    fdp DP step (vmap, N=8) / plain module forward+backward, per workload
+  eager    fdp DP step (vmap, N=8) / plain module forward+backward, per workload, and the
+           same step on Mesh(8, executor="replay") (traced once, replayed)
   sweep    fdp DP step for N = 2..32 / plain, and its spread (max/min over N)
   compile  torch.compile'd fdp DP step (N=8) / plain eager (and compiled single-device, for scale)
   memory   peak memory of the DP step / the functional single-device step (subprocesses,
@@ -50,10 +51,13 @@ def bench_eager(workloads: list[str], rounds: int, n: int, table: list) -> None:
     for key in workloads:
         w = _models.WORKLOADS[key]()
         res = time_interleaved(
-            {"plain": _models.plain_step(w), "dp": _models.dp_step(w, n)}, rounds
+            {"plain": _models.plain_step(w), "dp": _models.dp_step(w, n),
+             "replay": _models.dp_step(w, n, executor="replay")}, rounds
         )
         _row(table, "eager", f"{w.name}: plain module fwd+bwd", res["plain"], None)
         _row(table, "eager", f"{w.name}: fdp DP N={n}", res["dp"], res["plain"])
+        _row(table, "eager", f"{w.name}: fdp DP N={n} replay", res["replay"],
+             res["plain"])
 
 
 def bench_sweep(workloads: list[str], rounds: int, sizes: list[int], table: list) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 from torch.func import grad_and_value
 
 import fdp
+from fdp.backends import Executor
 
 
 @dataclass
@@ -85,10 +86,11 @@ def functional_step(w: Workload, compiled: bool = False,
 
 
 def dp_step(w: Workload, n: int, compiled: bool = False,
-            mode: str | None = None) -> Callable[[], Any]:
+            mode: str | None = None, executor: Executor = "auto") -> Callable[[], Any]:
     """fdp's data-parallel step over ``n`` virtual replicas (vmap backend), on the device of
-    the workload's batch."""
-    vg = fdp.value_and_grad(w.loss_fn(), fdp.Mesh(n, device=w.batch["x"].device))
+    the workload's batch (``executor``: the mesh's, e.g. ``"replay"``)."""
+    mesh = fdp.Mesh(n, device=w.batch["x"].device, executor=executor)
+    vg = fdp.value_and_grad(w.loss_fn(), mesh)
     params, batch = w.params(), w.batch
     if compiled:
         return _compiled(vg, mode, params, batch)
