@@ -1,0 +1,78 @@
+"""Donated tensors: the record of inputs a ``donate="state"`` step consumed, and its checks.
+
+A step built with ``fdp.data_parallel_step(..., donate="state")`` writes the new params and
+optimizer state into the storage of the state it was given (JAX's ``donate_argnums``). The new
+state holds new tensor objects that alias that storage; the old tensor objects are recorded
+here, and fdp's entry points (the step, :func:`fdp.value_and_grad`,
+:func:`fdp.optim.apply_updates`, every :mod:`fdp.optim` update, :func:`fdp.save_checkpoint`)
+refuse them with an error naming the key path. The record holds weak references only: a
+donated tensor nobody keeps is forgotten at once, so the check is an empty-set test in the usual
+loop ``state, metrics = step(state, batch)``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Literal, get_args
+
+import torch
+
+from fdp import _tree
+from fdp._compat import compiling, pytree
+
+__all__ = ["Donate", "check_donate", "check_not_donated", "hand_over", "is_donated"]
+
+Donate = Literal["auto", "state", "none"]
+"""How a step may reuse storage: see :func:`fdp.data_parallel_step`."""
+
+_DONATED: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()
+
+_FIX = ("it was donated to a step built with donate='state'; use the state that step "
+        "returned, or build the step with donate='auto' or donate='none' to keep old states")
+
+
+def check_donate(donate: Any, fn: str) -> Donate:
+    """``donate`` as a :data:`Donate`, or a clear error naming the argument."""
+    if not isinstance(donate, str):
+        raise TypeError(f"{fn}: donate must be one of {list(get_args(Donate))}, got "
+                        f"{type(donate).__name__}")
+    if donate not in get_args(Donate):
+        raise ValueError(f"{fn}: donate must be one of {list(get_args(Donate))}, got "
+                         f"{donate!r}; e.g. donate='auto' (the default)")
+    return donate  # type: ignore[return-value]
+
+
+def is_donated(x: Any) -> bool:
+    """Whether ``x`` is a tensor that a ``donate="state"`` step consumed."""
+    return isinstance(x, torch.Tensor) and bool(_DONATED) and x in _DONATED
+
+
+def check_not_donated(tree: Any, fn: str, name: str) -> None:
+    """Raises a ValueError naming the first leaf of ``tree`` that was donated.
+
+    Costs one emptiness test while no donated tensor is alive (the usual training loop).
+    """
+    if not _DONATED or compiling():
+        return
+    if isinstance(tree, torch.Tensor):
+        if tree in _DONATED:
+            raise ValueError(f"{fn}: {name} {_FIX}")
+        return
+    if not any(isinstance(x, torch.Tensor) and x in _DONATED for x in pytree.tree_leaves(tree)):
+        return
+    for path, leaf in _tree.leaves_with_path(tree, name):
+        if isinstance(leaf, torch.Tensor) and leaf in _DONATED:
+            raise ValueError(f"{fn}: {path} {_FIX}")
+
+
+def hand_over(old: Any, new: Any) -> Any:
+    """``new`` with every tensor that is also a leaf of ``old`` replaced by a fresh alias
+    (``detach()``: the same storage, a new object); every tensor leaf of ``old`` is then
+    recorded as donated."""
+    old_leaves = [x for x in pytree.tree_leaves(old) if isinstance(x, torch.Tensor)]
+    ids = {id(x) for x in old_leaves}
+    leaves, spec = pytree.tree_flatten(new)
+    fresh = [x.detach() if isinstance(x, torch.Tensor) and id(x) in ids else x for x in leaves]
+    for x in old_leaves:
+        _DONATED.add(x)
+    return pytree.tree_unflatten(fresh, spec)
