@@ -25,7 +25,18 @@ __all__ = ["Donate", "check_donate", "check_not_donated", "hand_over", "is_donat
 Donate = Literal["auto", "state", "none"]
 """How a step may reuse storage: see :func:`fdp.data_parallel_step`."""
 
-_DONATED: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()
+# id -> weak reference (a WeakSet would compare tensors with ``==`` on a hash match)
+_DONATED: dict[int, weakref.ref[torch.Tensor]] = {}
+
+
+def _forget(ref: weakref.ref[torch.Tensor], key: int) -> None:
+    if _DONATED.get(key) is ref:
+        del _DONATED[key]
+
+
+def _donated(x: Any) -> bool:
+    ref = _DONATED.get(id(x))
+    return ref is not None and ref() is x
 
 _FIX = ("it was donated to a step built with donate='state'; use the state that step "
         "returned, or build the step with donate='auto' or donate='none' to keep old states")
@@ -44,7 +55,7 @@ def check_donate(donate: Any, fn: str) -> Donate:
 
 def is_donated(x: Any) -> bool:
     """Whether ``x`` is a tensor that a ``donate="state"`` step consumed."""
-    return isinstance(x, torch.Tensor) and bool(_DONATED) and x in _DONATED
+    return isinstance(x, torch.Tensor) and bool(_DONATED) and _donated(x)
 
 
 def check_not_donated(tree: Any, fn: str, name: str) -> None:
@@ -55,13 +66,13 @@ def check_not_donated(tree: Any, fn: str, name: str) -> None:
     if not _DONATED or compiling():
         return
     if isinstance(tree, torch.Tensor):
-        if tree in _DONATED:
+        if _donated(tree):
             raise ValueError(f"{fn}: {name} {_FIX}")
         return
-    if not any(isinstance(x, torch.Tensor) and x in _DONATED for x in pytree.tree_leaves(tree)):
+    if not any(_donated(x) for x in pytree.tree_leaves(tree)):
         return
     for path, leaf in _tree.leaves_with_path(tree, name):
-        if isinstance(leaf, torch.Tensor) and leaf in _DONATED:
+        if _donated(leaf):
             raise ValueError(f"{fn}: {path} {_FIX}")
 
 
@@ -74,5 +85,6 @@ def hand_over(old: Any, new: Any) -> Any:
     leaves, spec = pytree.tree_flatten(new)
     fresh = [x.detach() if isinstance(x, torch.Tensor) and id(x) in ids else x for x in leaves]
     for x in old_leaves:
-        _DONATED.add(x)
+        key = id(x)
+        _DONATED[key] = weakref.ref(x, lambda ref, key=key: _forget(ref, key))
     return pytree.tree_unflatten(fresh, spec)

@@ -10,7 +10,8 @@ every tensor object, view, alias, ``UntypedStorage`` and NumPy/DLPack export tha
 alive), nobody can read it, and the next step writes its new state there with ``out=`` kernels
 instead of allocating. In ``state, metrics = step(state, batch)`` the state from two steps ago is
 dead, so steady state allocates no parameter-size memory; a caller who keeps old states gets
-fresh buffers. The input state is never written: the step stays pure.
+fresh buffers. The input state is never written: the step stays pure. What the check cannot
+see is a raw address (``data_ptr()``) kept past the tensors it came from.
 
 Either way, temporaries of parameter size go to scratch buffers the step keeps and never hands
 out, and the same kernels run as in the functional update (``fdp/optim/_into.py``), so the
@@ -19,6 +20,7 @@ results are bitwise those of ``donate="none"``.
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Any, NamedTuple
 
@@ -27,7 +29,7 @@ import torch
 from fdp._compat import compiling, in_functorch_transform, pytree, storage_use_count
 from fdp._donation import Donate
 from fdp.optim import apply_updates
-from fdp.optim._base import fully_native, is_native
+from fdp.optim._base import fully_native, is_native, written_state
 from fdp.optim._into import Into, Scratch
 
 __all__ = ["StepMemory"]
@@ -53,12 +55,21 @@ class _Buffers:
             self.layout.append((key, offset, x.shape))
             sizes[key] = offset + -(-x.numel() // _ALIGN) * _ALIGN
         self.flats = {k: torch.empty(n, dtype=k[0], device=k[1]) for k, n in sizes.items()}
-        self.alone = [storage_use_count(f) for f in self.flats.values()]
+        # torch caches one UntypedStorage object per storage: holding it here, a caller who
+        # holds it too shows in its reference count (it does not in the storage use count)
+        self.storages = [f.untyped_storage() for f in self.flats.values()]
+        self.alone = self._holders()
+
+    def _holders(self) -> list[tuple[int, int]]:
+        return [(storage_use_count(f), sys.getrefcount(s))
+                for f, s in zip(self.flats.values(), self.storages, strict=True)]
 
     def dead(self) -> bool:
-        """Whether no tensor outside this object uses the storage."""
-        return all(storage_use_count(f) == n
-                   for f, n in zip(self.flats.values(), self.alone, strict=True))
+        """Whether nothing outside this object can reach the storage: no tensor (view,
+        alias, one an array or a DLPack capsule keeps), no storage object, no shared memory
+        another process may map."""
+        return (self._holders() == self.alone
+                and not any(f.is_shared() for f in self.flats.values()))
 
     def views(self) -> list[torch.Tensor | None]:
         out: list[torch.Tensor | None] = []
@@ -81,6 +92,7 @@ class StepMemory:
 
     def __init__(self, donate: Donate, optimizer: Any) -> None:
         self.donate = donate
+        self.opt_update = optimizer.update
         self.native = is_native(optimizer.update)
         self.complete = fully_native(optimizer.update)
         self.pool: list[_Buffers] = []
@@ -142,7 +154,10 @@ class StepMemory:
             return "none"
         why = _cannot(state, grads)
         if why is None and self.donate == "state":
-            why = _overlapping(state, grads)
+            written = written_state(self.opt_update, state.opt_state)
+            if self.complete:
+                written += _tensors(state.params)
+            why = _overlapping(written, state, grads)
         if why is None:
             if self.donate == "auto" and not _on_cpu(state):
                 return "none"
@@ -180,28 +195,38 @@ def _on_cpu(state: Any) -> bool:
     return all(x.device.type == "cpu" for x in _tensors(state.params, state.opt_state))
 
 
-def _overlapping(state: Any, grads: Any) -> str | None:
-    """Why the state's tensors cannot each be overwritten on their own, or None: two of them
-    share memory, one is not contiguous, or a gradient uses a state tensor's storage."""
+def _overlapping(written: list[torch.Tensor], state: Any, grads: Any) -> str | None:
+    """Why the ``written`` tensors cannot each be overwritten on their own, or None: one is
+    not contiguous, or it shares memory with another tensor of the state or a gradient."""
+    ids = {id(x) for x in written}
     spans = []
-    for root, tree in (("state.params", state.params), ("state.opt_state", state.opt_state)):
+    trees = (("state.params", state.params), ("state.opt_state", state.opt_state),
+             ("grads", grads))
+    for root, tree in trees:
         for path, x in pytree.tree_flatten_with_path(tree)[0]:
             if not isinstance(x, torch.Tensor) or x.numel() == 0:
                 continue
-            if not x.is_contiguous():
+            mine = id(x) in ids and root != "grads"
+            if mine and not x.is_contiguous():
                 return f"{root}{pytree.keystr(path)} is not contiguous"
-            start = x.data_ptr()
-            spans.append((start, start + x.numel() * x.element_size(), root, path))
+            spans.append((*_span(x), mine, f"{root}{pytree.keystr(path)}"))
     spans.sort(key=lambda s: s[:2])
-    reach = None  # the span that ends last among those seen
+    reach: Any = None  # the span that ends last among those seen
+    reach_written: Any = None  # the same among the written ones
     for b in spans:
-        if reach is not None and b[0] < reach[1]:
-            return (f"{reach[2]}{pytree.keystr(reach[3])} and {b[2]}{pytree.keystr(b[3])} "
-                    f"share memory")
+        for a in (reach, reach_written):
+            if a is not None and b[0] < a[1] and (a[2] or b[2]):
+                return f"{a[3]} and {b[3]} share memory"
         if reach is None or b[1] > reach[1]:
             reach = b
-    storages = {x.untyped_storage().data_ptr()
-                for x in _tensors(state.params, state.opt_state) if x.numel()}
-    if any(g.untyped_storage().data_ptr() in storages for g in _tensors(grads) if g.numel()):
-        return "a gradient shares memory with the state"
+        if b[2] and (reach_written is None or b[1] > reach_written[1]):
+            reach_written = b
     return None
+
+
+def _span(x: torch.Tensor) -> tuple[int, int]:
+    """The bytes ``x`` reads: exact when contiguous, else its whole storage."""
+    if x.is_contiguous():
+        return x.data_ptr(), x.data_ptr() + x.numel() * x.element_size()
+    storage = x.untyped_storage()
+    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()

@@ -110,8 +110,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new_states.append(s)
         return grads, tuple(new_states)
 
-    return GradientTransformation(init, native(update, all(fully_native(t.update)
-                                                           for t in transforms)))
+    return GradientTransformation(init, native(update, [t.update for t in transforms]))
 
 
 def apply_updates(params: PyTree, updates: Updates, *, _into: PyTree | None = None) -> PyTree:
@@ -145,13 +144,15 @@ def _add(p: torch.Tensor, u: torch.Tensor, dest: torch.Tensor | None) -> torch.T
 
 # --- transformations that write into destinations (see fdp/optim/_into.py) ---------------------
 
-_NATIVE: weakref.WeakKeyDictionary[Callable[..., Any], bool] = weakref.WeakKeyDictionary()
+_NATIVE: weakref.WeakKeyDictionary[Callable[..., Any], tuple[bool, list[Any] | None]] = (
+    weakref.WeakKeyDictionary())
 
 
-def native(update: Callable[..., Any], complete: bool = True) -> Callable[..., Any]:
-    """Marks ``update`` as one of fdp's own: it takes ``_into=`` (an ``Into``). ``complete``:
-    no transformation without that support runs inside it (a chain of fdp's only)."""
-    _NATIVE[update] = complete
+def native(update: Callable[..., Any], parts: list[Any] | None = None) -> Callable[..., Any]:
+    """Marks ``update`` as one of fdp's own: it takes ``_into=`` (an ``Into``). ``parts``:
+    the updates of a chain's transformations, in order (their states are the chain's)."""
+    complete = parts is None or all(fully_native(u) for u in parts)
+    _NATIVE[update] = (complete, parts)
     return update
 
 
@@ -165,7 +166,18 @@ def is_native(update: Any) -> bool:
 
 def fully_native(update: Any) -> bool:
     """Whether ``update`` and every transformation inside it take ``_into=``."""
-    return is_native(update) and _NATIVE[update]
+    return is_native(update) and _NATIVE[update][0]
+
+
+def written_state(update: Any, state: Any) -> list[torch.Tensor]:
+    """The tensors of ``state`` that ``update`` with ``_into=`` may write: all of a native
+    transformation's state, none of a user's transformation's (inside a chain)."""
+    if not is_native(update):
+        return []
+    parts = _NATIVE[update][1]
+    if parts is None:
+        return [x for x in pytree.tree_leaves(state) if isinstance(x, torch.Tensor)]
+    return [x for u, s in zip(parts, state, strict=True) for x in written_state(u, s)]
 
 
 def _paths_if_needed(tree: PyTree, leaves: list[Any]) -> list[tuple[str, Any]]:
