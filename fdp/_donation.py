@@ -12,6 +12,7 @@ loop ``state, metrics = step(state, batch)``.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any, Literal, get_args
 
@@ -29,7 +30,7 @@ Donate = Literal["auto", "state", "none"]
 _DONATED: dict[int, weakref.ref[torch.Tensor]] = {}
 
 
-def _forget(ref: weakref.ref[torch.Tensor], key: int) -> None:
+def _forget(ref: weakref.ref[torch.Tensor], *, key: int) -> None:
     if _DONATED.get(key) is ref:
         del _DONATED[key]
 
@@ -85,6 +86,5 @@ def hand_over(old: Any, new: Any) -> Any:
     leaves, spec = pytree.tree_flatten(new)
     fresh = [x.detach() if isinstance(x, torch.Tensor) and id(x) in ids else x for x in leaves]
     for x in old_leaves:
-        key = id(x)
-        _DONATED[key] = weakref.ref(x, lambda ref, key=key: _forget(ref, key))
+        _DONATED[id(x)] = weakref.ref(x, functools.partial(_forget, key=id(x)))
     return pytree.tree_unflatten(fresh, spec)

@@ -34,6 +34,7 @@ from torch import nn
 
 import fdp
 import fdp.launch
+from fdp._donation import Donate
 from fdp.bench import _models
 from fdp.bench._timing import time_interleaved
 
@@ -48,9 +49,10 @@ def _candidates(rows: int) -> dict[str, Callable[[], Any]]:
     mine = {k: v[rank * rows:(rank + 1) * rows] for k, v in w.batch.items()}
     loss_fn, params = w.loss_fn(), w.params()
     fns: dict[str, Callable[[], Any]] = {}
-    for name, overlap, donate in (("fdp", None, "auto"), ("fdp overlap", True, "auto"),
-                                  ("fdp donate=none", None, "none"),
-                                  ("fdp donate=state", None, "state")):
+    runs: tuple[tuple[str, bool | None, Donate], ...] = (
+        ("fdp", None, "auto"), ("fdp overlap", True, "auto"), ("fdp donate=none", None, "none"),
+        ("fdp donate=state", None, "state"))
+    for name, overlap, donate in runs:
         step = fdp.data_parallel_step(loss_fn, fdp.optim.sgd(0.01),
                                       fdp.Mesh.distributed(overlap=overlap), donate=donate)
         fns[name] = _stepper(step, fdp.TrainState.create(params, fdp.optim.sgd(0.01)),

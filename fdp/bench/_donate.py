@@ -18,16 +18,17 @@ from typing import Any
 import torch
 
 import fdp
-from fdp._donation import hand_over
+from fdp._donation import Donate, hand_over
 from fdp._step_memory import StepMemory
 from fdp.bench import _models
 from fdp.bench._timing import time_interleaved
 
-MODES = ("none", "auto", "state")
+MODES: tuple[Donate, ...] = ("none", "auto", "state")
 
 
-def _fdp_update(optimizer: Any, params: dict, grads: dict, donate: str) -> Callable[[], None]:
-    memory = StepMemory(donate, optimizer)  # type: ignore[arg-type]
+def _fdp_update(optimizer: Any, params: dict, grads: dict, donate: Donate
+                ) -> Callable[[], None]:
+    memory = StepMemory(donate, optimizer)
     box = [fdp.TrainState.create(params, optimizer)]
 
     def run() -> None:
@@ -45,7 +46,7 @@ def _torch_update(kind: str, w: _models.Workload) -> Callable[[], None]:
         p.grad = torch.randn_like(p)
     opt = (torch.optim.SGD(params, lr=0.01, momentum=0.9, foreach=False) if kind == "sgd"
            else torch.optim.Adam(params, lr=1e-3, foreach=False))
-    return opt.step  # type: ignore[return-value]
+    return opt.step
 
 
 def bench_donate(rounds: int, table: list) -> None:
@@ -54,7 +55,8 @@ def bench_donate(rounds: int, table: list) -> None:
     grads = {k: torch.randn_like(v) for k, v in params.items()}
     for kind, optimizer in (("sgd", fdp.optim.sgd(0.01, momentum=0.9)),
                             ("adam", fdp.optim.adam(1e-3))):
-        fns = {m: _fdp_update(optimizer, params, grads, m) for m in MODES}
+        fns: dict[str, Callable[[], Any]] = {m: _fdp_update(optimizer, params, grads, m)
+                                             for m in MODES}
         fns["torch"] = _torch_update(kind, w)
         res = time_interleaved(fns, rounds)
         label = f"update {kind} mlp params"
