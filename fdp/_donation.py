@@ -39,8 +39,9 @@ def _donated(x: Any) -> bool:
     ref = _DONATED.get(id(x))
     return ref is not None and ref() is x
 
-_FIX = ("it was donated to a step built with donate='state'; use the state that step "
-        "returned, or build the step with donate='auto' or donate='none' to keep old states")
+_FIX = ("was donated to a step built with donate='state', which wrote the new state into its "
+        "memory; use the state that step returned, or build the step with donate='auto' or "
+        "donate='none' to keep old states")
 
 
 def check_donate(donate: Any, fn: str) -> Donate:

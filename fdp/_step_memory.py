@@ -29,7 +29,7 @@ import torch
 from fdp._compat import compiling, in_functorch_transform, pytree, storage_use_count
 from fdp._donation import Donate
 from fdp.optim import apply_updates
-from fdp.optim._base import fully_native, is_native, written_state
+from fdp.optim._base import apply_into, fully_native, is_native, written_state
 from fdp.optim._into import Into, Scratch
 
 __all__ = ["StepMemory"]
@@ -113,7 +113,7 @@ class StepMemory:
             into = Into(plan.opt_state, self.scratch, True) if self.native else None
             extra = {} if into is None else {"_into": into}
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extra)
-            params = apply_updates(state.params, updates, _into=plan.params)
+            params = apply_into(state.params, updates, plan.params)
         finally:
             self.lock.release()
         return params, opt_state, mode == "state"

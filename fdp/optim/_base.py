@@ -113,13 +113,19 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     return GradientTransformation(init, native(update, [t.update for t in transforms]))
 
 
-def apply_updates(params: PyTree, updates: Updates, *, _into: PyTree | None = None) -> PyTree:
+def apply_updates(params: PyTree, updates: Updates) -> PyTree:
     """Returns ``params + updates`` leaf by leaf (matched by key path), keeping params' dtypes.
 
     Example:
         >>> fdp.optim.apply_updates({"w": torch.ones(2)}, {"w": torch.tensor([0.5, -1.0])})
         {'w': tensor([1.5000, 0.0000])}
     """
+    return apply_into(params, updates, None)
+
+
+def apply_into(params: PyTree, updates: Updates, into: PyTree | None) -> PyTree:
+    """:func:`apply_updates`, writing each new leaf into the leaf of ``into`` (a tree like
+    ``params``) where one is given: the same kernel as the functional sum."""
     check_not_donated(params, "apply_updates", "params")
     check_not_donated(updates, "apply_updates", "updates")
     p_leaves, spec = pytree.tree_flatten(params)
@@ -129,7 +135,7 @@ def apply_updates(params: PyTree, updates: Updates, *, _into: PyTree | None = No
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(f"apply_updates: params{path} is a {type(leaf).__name__}, "
                             f"not a torch.Tensor")
-    d_leaves = [None] * len(p_leaves) if _into is None else pytree.tree_leaves(_into)
+    d_leaves = [None] * len(p_leaves) if into is None else pytree.tree_leaves(into)
     out = [p if u is None else _add(p, u, d) for p, u, d in zip(p_leaves, u_leaves, d_leaves,
                                                                 strict=True)]
     return pytree.tree_unflatten(out, spec)
