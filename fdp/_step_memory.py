@@ -29,8 +29,9 @@ import torch
 from fdp._compat import compiling, in_functorch_transform, pytree, storage_use_count
 from fdp._donation import Donate
 from fdp.optim import apply_updates
-from fdp.optim._base import apply_into, fully_native, is_native, written_state
+from fdp.optim._base import apply_into
 from fdp.optim._into import Into, Scratch
+from fdp.optim._native import fully_native, is_native, written_state
 
 __all__ = ["StepMemory"]
 

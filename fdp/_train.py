@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 
 from fdp import _check, _explain, _tree
 from fdp._accumulate import accumulate
-from fdp._donation import Donate, check_donate, check_not_donated, hand_over
+from fdp._donation import check_donate, check_not_donated, hand_over
 from fdp._grad import value_and_grad
 from fdp._mesh import Mesh, check_mesh
 from fdp._step_memory import StepMemory
@@ -125,7 +125,7 @@ def data_parallel_step(
     key: torch.Tensor | None = None,
     unused: Unused = "none",
     shard_optimizer_state: bool = False,
-    donate: Donate = "auto",
+    donate: Literal["auto", "state", "none"] = "auto",
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]:
     """Builds ``step(state, batch) -> (new_state, metrics)``: one data-parallel update.
 

@@ -14,7 +14,7 @@ from torch import nn
 import fdp
 from fdp._compat import pytree
 from fdp.optim import GradientTransformation
-from fdp.optim._base import fully_native
+from fdp.optim._native import fully_native
 
 MODES = ("auto", "state")
 

@@ -9,6 +9,7 @@ import torch
 from fdp.optim import _base, _schedules
 from fdp.optim._base import EmptyState, GradientTransformation, PyTree
 from fdp.optim._into import NO_INTO, Into
+from fdp.optim._native import native
 
 __all__ = ["AdamState", "adam", "adamw"]
 
@@ -118,7 +119,7 @@ def _adam(
         return new[0], AdamState(count, new[1], new[2], new_max,
                                  steps if state.steps is not None else None)
 
-    return GradientTransformation(init, _base.native(update))
+    return GradientTransformation(init, native(update))
 
 
 def _steps(where: str, state: AdamState, grads: list[torch.Tensor | None]) -> torch.Tensor:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -32,6 +31,7 @@ import torch
 from fdp import _check, _tree
 from fdp._compat import pytree
 from fdp._donation import check_not_donated
+from fdp.optim._native import is_native, native
 
 __all__ = ["EmptyState", "GradientTransformation", "apply_updates", "chain", "sum_over_shards"]
 
@@ -146,44 +146,6 @@ def _add(p: torch.Tensor, u: torch.Tensor, dest: torch.Tensor | None) -> torch.T
     if dest is None or u.dtype != p.dtype:
         return (p + u).to(p.dtype)
     return torch.add(p, u, out=dest)
-
-
-# --- transformations that write into destinations (see fdp/optim/_into.py) ---------------------
-
-_NATIVE: weakref.WeakKeyDictionary[Callable[..., Any], tuple[bool, list[Any] | None]] = (
-    weakref.WeakKeyDictionary())
-
-
-def native(update: Callable[..., Any], parts: list[Any] | None = None) -> Callable[..., Any]:
-    """Marks ``update`` as one of fdp's own: it takes ``_into=`` (an ``Into``). ``parts``:
-    the updates of a chain's transformations, in order (their states are the chain's)."""
-    complete = parts is None or all(fully_native(u) for u in parts)
-    _NATIVE[update] = (complete, parts)
-    return update
-
-
-def is_native(update: Any) -> bool:
-    """Whether ``update`` takes ``_into=`` (see :func:`native`)."""
-    try:
-        return update in _NATIVE
-    except TypeError:  # not weak-referenceable: not one of fdp's
-        return False
-
-
-def fully_native(update: Any) -> bool:
-    """Whether ``update`` and every transformation inside it take ``_into=``."""
-    return is_native(update) and _NATIVE[update][0]
-
-
-def written_state(update: Any, state: Any) -> list[torch.Tensor]:
-    """The tensors of ``state`` that ``update`` with ``_into=`` may write: all of a native
-    transformation's state, none of a user's transformation's (inside a chain)."""
-    if not is_native(update):
-        return []
-    parts = _NATIVE[update][1]
-    if parts is None:
-        return [x for x in pytree.tree_leaves(state) if isinstance(x, torch.Tensor)]
-    return [x for u, s in zip(parts, state, strict=True) for x in written_state(u, s)]
 
 
 def _paths_if_needed(tree: PyTree, leaves: list[Any]) -> list[tuple[str, Any]]:

@@ -9,6 +9,7 @@ from fdp._donation import check_not_donated
 from fdp.optim import _base
 from fdp.optim._base import EmptyState, GradientTransformation, PyTree
 from fdp.optim._into import NO_INTO, Into
+from fdp.optim._native import native
 
 __all__ = ["clip_by_global_norm", "global_norm"]
 
@@ -67,4 +68,4 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
             None if g is None else torch.mul(g, coef.to(g.device), out=into.output(i, g))
             for i, g in enumerate(leaves)], spec), state
 
-    return GradientTransformation(init, _base.native(update))
+    return GradientTransformation(init, native(update))

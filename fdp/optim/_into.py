@@ -18,7 +18,7 @@ An :class:`Into` is made only by a training step that owns the memory it names
   it.
 
 A transformation supports destinations when its update was registered with
-``fdp.optim._base.native``;
+``fdp.optim._native.native``;
 :func:`fdp.optim.chain` passes an :class:`Into` only to those and runs the others functionally.
 """
 

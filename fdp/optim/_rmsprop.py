@@ -9,6 +9,7 @@ import torch
 from fdp.optim import _base, _schedules
 from fdp.optim._base import EmptyState, GradientTransformation, PyTree
 from fdp.optim._into import NO_INTO, Into
+from fdp.optim._native import native
 
 __all__ = ["RMSPropState", "rmsprop"]
 
@@ -136,4 +137,4 @@ def rmsprop(
         new = RMSPropState(count, tree(1), tree(2, centered), tree(3, m > 0))
         return tree(0), new
 
-    return GradientTransformation(init, _base.native(update))
+    return GradientTransformation(init, native(update))

@@ -6,9 +6,11 @@ from typing import NamedTuple
 
 import torch
 
+from fdp._compat import compiling, is_functorch_wrapped
 from fdp.optim import _base, _schedules
 from fdp.optim._base import EmptyState, GradientTransformation, PyTree
 from fdp.optim._into import NO_INTO, Into
+from fdp.optim._native import native
 
 __all__ = ["SGDState", "sgd"]
 
@@ -85,6 +87,7 @@ def sgd(
         into = NO_INTO if _into is None else _into
         b_dests = into.dests(where, lambda s: s.momentum_buffer, grads, m != 0)
         first = state.count == 0
+        later = _known_later(state.count)
         updates: list[torch.Tensor | None] = []
         buffers: list[torch.Tensor] = []
         for i, (g, p, b, bd) in enumerate(zip(g_leaves, p_leaves, b_leaves, b_dests,
@@ -97,8 +100,9 @@ def sgd(
             if wd != 0:
                 g = torch.add(g, p, alpha=wd, out=into.over(i, g))
             if m != 0:
-                b = torch.mul(b, m, out=bd)
-                b = torch.where(first, g, torch.add(b, g, alpha=1 - d, out=bd), out=bd)
+                b = torch.add(torch.mul(b, m, out=bd), g, alpha=1 - d, out=bd)
+                if not later:  # where(False, g, b) is b, bitwise: skipped when known
+                    b = torch.where(first, g, b, out=bd)
                 buffers.append(b)
                 g = torch.add(g, b, alpha=m, out=into.over(i, g)) if nesterov else b
             updates.append(torch.mul(g, -lr, out=into.output(i, g)))
@@ -106,4 +110,12 @@ def sgd(
         count = torch.add(state.count, 1, out=into.dest(lambda s: s.count))
         return _base.unflatten_like(updates, grads), SGDState(count, new_buf)
 
-    return GradientTransformation(init, _base.native(update))
+    return GradientTransformation(init, native(update))
+
+
+def _known_later(count: torch.Tensor) -> bool:
+    """Whether ``count`` is known (on the host, without a device sync) to be past the first
+    step; ``False`` under ``torch.compile`` or a ``torch.func`` transform."""
+    if count.device.type != "cpu" or compiling() or is_functorch_wrapped(count):
+        return False
+    return bool(count != 0)
