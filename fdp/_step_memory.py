@@ -4,7 +4,8 @@
 state's tensors (the state is then donated, see ``fdp/_donation.py``).
 
 ``donate="auto"``: the step keeps the storage it allocated for the states it returned, one flat
-buffer per dtype (the state's tensors are views of it). When no tensor but the step's own uses
+buffer per dtype (the state's tensors of at least ``BIG`` elements are views of it; smaller
+ones are allocated as usual, which costs no page faults). When no tensor but the step's own uses
 that storage any more (c10's storage use count, :func:`fdp._compat.storage_use_count`, counts
 every tensor object, view, alias, ``UntypedStorage`` and NumPy/DLPack export that keeps one
 alive), nobody can read it, and the next step writes its new state there with ``out=`` kernels
@@ -28,7 +29,7 @@ import torch
 
 from fdp._compat import compiling, in_functorch_transform, pytree, storage_use_count
 from fdp._donation import Donate
-from fdp.optim import apply_updates
+from fdp.optim import _into, apply_updates
 from fdp.optim._base import apply_into
 from fdp.optim._into import Into, Scratch
 from fdp.optim._native import fully_native, is_native, written_state
@@ -48,7 +49,7 @@ class _Buffers:
         sizes: dict[tuple[torch.dtype, torch.device], int] = {}
         self.layout: list[tuple[tuple[torch.dtype, torch.device], int, torch.Size] | None] = []
         for x in leaves:
-            if not isinstance(x, torch.Tensor):
+            if not isinstance(x, torch.Tensor) or x.numel() < _into.BIG:  # small: fresh is cheap
                 self.layout.append(None)
                 continue
             key = (x.dtype, x.device)
@@ -153,14 +154,16 @@ class StepMemory:
         """The mode this call runs in: ``"none"`` where in-place writes are not safe."""
         if self.donate == "none":
             return "none"
-        why = _cannot(state, grads)
+        mine = _tensors(state.params, state.opt_state)
+        theirs = _tensors(grads)
+        why = _cannot(mine + theirs)
         if why is None and self.donate == "state":
             written = written_state(self.opt_update, state.opt_state)
             if self.complete:
                 written += _tensors(state.params)
-            why = _overlapping(written, state, grads)
+            why = _overlapping(written, mine, theirs, state, grads)
         if why is None:
-            if self.donate == "auto" and not _on_cpu(state):
+            if self.donate == "auto" and not _worth_it(mine):
                 return "none"
             return self.donate
         if self.donate == "state":
@@ -179,50 +182,62 @@ def _tensors(*trees: Any) -> list[torch.Tensor]:
     return [x for t in trees for x in pytree.tree_leaves(t) if isinstance(x, torch.Tensor)]
 
 
-def _cannot(state: Any, grads: Any) -> str | None:
+def _cannot(tensors: list[torch.Tensor]) -> str | None:
     """Why no update of this call may write in place, or None."""
     if compiling():
         return "torch.compile traces the step (a compiled step is functional)"
     if in_functorch_transform():
         return "a torch.func transform runs the step"
-    for x in _tensors(state.params, state.opt_state, grads):
-        if x.requires_grad:
-            return ("a tensor of the state or a gradient requires grad (it is part of an "
-                    "autograd graph, which in-place writes would break)")
+    if any(x.requires_grad for x in tensors):
+        return ("a tensor of the state or a gradient requires grad (it is part of an "
+                "autograd graph, which in-place writes would break)")
     return None
 
 
-def _on_cpu(state: Any) -> bool:
-    return all(x.device.type == "cpu" for x in _tensors(state.params, state.opt_state))
+def _worth_it(tensors: list[torch.Tensor]) -> bool:
+    """Whether ``"auto"`` recycles for this state: on the CPU, with a leaf of
+    ``fdp.optim._into.BIG`` elements or more (smaller tensors allocate without page faults)."""
+    return (all(x.device.type == "cpu" for x in tensors)
+            and any(x.numel() >= _into.BIG for x in tensors))
 
 
-def _overlapping(written: list[torch.Tensor], state: Any, grads: Any) -> str | None:
+def _overlapping(written: list[torch.Tensor], mine: list[torch.Tensor],
+                 theirs: list[torch.Tensor], state: Any, grads: Any) -> str | None:
     """Why the ``written`` tensors cannot each be overwritten on their own, or None: one is
-    not contiguous, or it shares memory with another tensor of the state or a gradient."""
+    not contiguous, or it shares memory with another tensor of the state (``mine``) or a
+    gradient (``theirs``). The key paths are worked out only for the message."""
     ids = {id(x) for x in written}
     spans = []
-    trees = (("state.params", state.params), ("state.opt_state", state.opt_state),
-             ("grads", grads))
-    for root, tree in trees:
-        for path, x in pytree.tree_flatten_with_path(tree)[0]:
-            if not isinstance(x, torch.Tensor) or x.numel() == 0:
-                continue
-            mine = id(x) in ids and root != "grads"
-            if mine and not x.is_contiguous():
-                return f"{root}{pytree.keystr(path)} is not contiguous"
-            spans.append((*_span(x), mine, f"{root}{pytree.keystr(path)}"))
+    for k, x in enumerate(mine + theirs):
+        if x.numel() == 0:
+            continue
+        w = id(x) in ids and k < len(mine)
+        if w and not x.is_contiguous():
+            return f"{_name(k, state, grads)} is not contiguous"
+        spans.append((*_span(x), w, k))
     spans.sort(key=lambda s: s[:2])
     reach: Any = None  # the span that ends last among those seen
     reach_written: Any = None  # the same among the written ones
     for b in spans:
         for a in (reach, reach_written):
             if a is not None and b[0] < a[1] and (a[2] or b[2]):
-                return f"{a[3]} and {b[3]} share memory"
+                return f"{_name(a[3], state, grads)} and {_name(b[3], state, grads)} share memory"
         if reach is None or b[1] > reach[1]:
             reach = b
         if b[2] and (reach_written is None or b[1] > reach_written[1]):
             reach_written = b
     return None
+
+
+def _name(k: int, state: Any, grads: Any) -> str:
+    """The key path of tensor ``k`` of the state's and then the grads' tensors (for an error
+    message)."""
+    names = [f"{root}{pytree.keystr(path)}"
+             for root, tree in (("state.params", state.params),
+                                ("state.opt_state", state.opt_state), ("grads", grads))
+             for path, leaf in pytree.tree_flatten_with_path(tree)[0]
+             if isinstance(leaf, torch.Tensor)]
+    return names[k]
 
 
 def _span(x: torch.Tensor) -> tuple[int, int]:

@@ -13,10 +13,21 @@ from torch import nn
 
 import fdp
 from fdp._compat import pytree
-from fdp.optim import GradientTransformation
+from fdp.optim import GradientTransformation, _into
 from fdp.optim._native import fully_native
 
 MODES = ("auto", "state")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _small_leaves_too():
+    """Recycled storage and scratch for leaves of any size (by default only from
+    ``fdp.optim._into.BIG`` elements), so that the small tensors here take the in-place
+    paths."""
+    saved = _into.BIG
+    _into.BIG = 1
+    yield
+    _into.BIG = saved
 
 
 def _keep(opt: GradientTransformation) -> GradientTransformation:
@@ -150,6 +161,21 @@ def test_auto_recycles_the_storage_of_dead_states():
     state, _ = step(state, batch)
     state, _ = step(state, batch)  # `kept` is alive: the step may not write into it
     assert state.params["p0"].data_ptr() != kept.params["p0"].data_ptr()
+
+
+def test_auto_recycles_only_leaves_big_enough_to_fault_pages(monkeypatch):
+    monkeypatch.setattr(_into, "BIG", 1 << 15)
+    params, loss_fn, width = _problem([1 << 15, 9], [True, True], torch.float32)
+    step = fdp.data_parallel_step(loss_fn, fdp.optim.sgd(0.1, momentum=0.9), fdp.Mesh(2))
+    state = fdp.TrainState.create(params, fdp.optim.sgd(0.1, momentum=0.9))
+    batch = torch.randn(2, width)
+    seen = []
+    for _ in range(5):
+        state, _ = step(state, batch)
+        seen.append((state.params["p0"].data_ptr(), state.opt_state.momentum_buffer["p0"]
+                     .data_ptr()))
+    assert seen[2] == seen[4] and seen[1] == seen[3] and seen[3] != seen[4]
+    assert state.params["p1"].untyped_storage().nbytes() == 9 * 4  # its own, fresh
 
 
 def test_auto_does_not_recycle_storage_a_view_or_an_export_still_uses():

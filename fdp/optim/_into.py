@@ -31,13 +31,21 @@ import torch
 
 from fdp.optim import _base
 
-__all__ = ["Into", "Scratch"]
+__all__ = ["BIG", "Into", "Scratch"]
+
+
+BIG = 1 << 15
+"""Elements from which a leaf gets scratch (and, with ``donate="auto"``, recycled storage):
+128 KiB of float32, glibc's default threshold for giving freed memory back to the kernel.
+Smaller tensors come from malloc's arenas without page faults, and for them the bookkeeping
+would cost more than the allocation."""
 
 
 class Scratch:
     """Temporaries of parameter size, kept by one step between calls: slot ``k`` of leaf ``i``.
 
-    Never handed out of the step; a tensor here is overwritten by the next update.
+    Never handed out of the step; a tensor here is overwritten by the next update. Leaves
+    under :data:`BIG` elements get none (``None``: a fresh temporary).
     """
 
     def __init__(self) -> None:
@@ -47,7 +55,9 @@ class Scratch:
     def owns(self, x: torch.Tensor) -> bool:
         return id(x) in self._ids
 
-    def get(self, i: int, slot: int, like: torch.Tensor) -> torch.Tensor:
+    def get(self, i: int, slot: int, like: torch.Tensor) -> torch.Tensor | None:
+        if like.numel() < BIG:
+            return None
         t = self._slots.get((i, slot))
         if (t is None or t.shape != like.shape or t.dtype != like.dtype
                 or t.device != like.device):
