@@ -131,8 +131,9 @@ def data_parallel_step(
 
     The step splits ``batch`` over ``mesh``, computes the single-device loss and gradient with
     :func:`fdp.value_and_grad` (optionally over ``microbatches`` slices, see
-    :func:`fdp.accumulate`), and applies ``optimizer``. It is pure: the input state is left as
-    it was, and ``torch.compile(step)`` gives the eager numbers.
+    :func:`fdp.accumulate`), and applies ``optimizer``. It is pure (unless built with
+    ``donate="state"``): the input state is left as it was, and ``torch.compile(step)`` gives
+    the eager numbers.
 
     Args:
         loss_fn: ``loss_fn(params, batch)``, the loss you would write for one device; with
