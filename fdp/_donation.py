@@ -65,7 +65,7 @@ def check_not_donated(tree: Any, fn: str, name: str) -> None:
 
     Costs one emptiness test while no donated tensor is alive (the usual training loop).
     """
-    if not _DONATED or compiling():
+    if compiling() or not _DONATED:  # traced code never reads the record
         return
     if isinstance(tree, torch.Tensor):
         if _donated(tree):

@@ -37,6 +37,8 @@ from fdp.optim._native import fully_native, is_native, written_state
 __all__ = ["StepMemory"]
 
 _ALIGN = 16  # elements: each leaf of a flat buffer starts on a 64-byte boundary (float32)
+_REFUSED = ("data_parallel_step: donate='state' cannot update in place: {why}; build the step "
+            "with donate='auto' (in place only where safe) or donate='none'")
 _POOL = 3  # recycled states kept per step: the two in use, and one a frozen leaf pins
 
 
@@ -154,6 +156,10 @@ class StepMemory:
         """The mode this call runs in: ``"none"`` where in-place writes are not safe."""
         if self.donate == "none":
             return "none"
+        if compiling():  # traced: functional in every mode (a raise here would only make
+            return "none"  # dynamo run this frame eagerly, see docs/training.md)
+        if in_functorch_transform():
+            return self._refuse("a torch.func transform runs the step")
         mine = _tensors(state.params, state.opt_state)
         theirs = _tensors(grads)
         why = _cannot(mine + theirs)
@@ -166,10 +172,16 @@ class StepMemory:
             if self.donate == "auto" and not _worth_it(mine):
                 return "none"
             return self.donate
+        return self._refuse(why)
+
+    def _refuse(self, why: str) -> str:
+        """``"none"`` for ``"auto"``; a clear error for ``"state"``."""
+        return self._refuse(why)
+
+    def _refuse(self, why: str) -> str:
+        """``"none"`` for ``"auto"``; a clear error for ``"state"``."""
         if self.donate == "state":
-            raise ValueError(f"data_parallel_step: donate='state' cannot update in place: "
-                             f"{why}; build the step with donate='auto' (in place only where "
-                             f"safe) or donate='none'")
+            raise ValueError(_REFUSED.format(why=why))
         return "none"
 
 
@@ -184,10 +196,6 @@ def _tensors(*trees: Any) -> list[torch.Tensor]:
 
 def _cannot(tensors: list[torch.Tensor]) -> str | None:
     """Why no update of this call may write in place, or None."""
-    if compiling():
-        return "torch.compile traces the step (a compiled step is functional)"
-    if in_functorch_transform():
-        return "a torch.func transform runs the step"
     if any(x.requires_grad for x in tensors):
         return ("a tensor of the state or a gradient requires grad (it is part of an "
                 "autograd graph, which in-place writes would break)")

@@ -190,8 +190,9 @@ def data_parallel_step(
               ``torch.optim`` does. Passing the old state (or its tensors) to a step,
               :func:`fdp.value_and_grad`, an :mod:`fdp.optim` update or
               :func:`fdp.save_checkpoint` again raises a ValueError; reading its tensors
-              directly shows the new values. Raises where it cannot write in place (compiled,
-              tensors requiring grad, two state tensors sharing memory).
+              directly shows the new values. Raises where it cannot write in place (under a
+              ``torch.func`` transform, tensors requiring grad, two state tensors sharing
+              memory); under ``torch.compile`` the update is functional in every mode.
             * ``"none"``: fresh tensors every step.
 
     Returns:

@@ -323,20 +323,22 @@ def test_params_that_require_grad_are_updated_functionally():
         step(state, batch)
 
 
-def test_compiled_steps_are_functional():
+@pytest.mark.parametrize("donate", MODES)
+def test_compiled_steps_are_functional(donate):
     params, loss_fn, width = _problem([5, 3], [True, True], torch.float32)
     optimizer = fdp.optim.adam(1e-2)
     batch = torch.randn(4, width)
     state = fdp.TrainState.create(params, optimizer)
+    before = [x.clone() for x in _leaves(state)]
     want, _ = fdp.data_parallel_step(loss_fn, optimizer, fdp.Mesh(2), donate="none")(state,
                                                                                      batch)
-    compiled = torch.compile(fdp.data_parallel_step(loss_fn, optimizer, fdp.Mesh(2)))
-    got, _ = compiled(state, batch)
+    step = fdp.data_parallel_step(loss_fn, optimizer, fdp.Mesh(2), donate=donate,
+                                  unused="zeros")
+    got, _ = torch.compile(step, fullgraph=True)(state, batch)
     assert all(torch.allclose(x, y) for x, y in zip(_leaves(got), _leaves(want), strict=True))
-    donated = torch.compile(fdp.data_parallel_step(loss_fn, optimizer, fdp.Mesh(2),
-                                                   donate="state"))
-    with pytest.raises(Exception, match=r"donate='state' cannot update in place: torch\.compile"):
-        donated(state, batch)
+    # traced, the update is functional in every mode: the input state is left as it was
+    assert all(torch.equal(x, y) for x, y in zip(_leaves(state), before, strict=True))
+    step(state, batch)  # and it was not donated
 
 
 def test_sharded_optimizer_state_with_donation():
@@ -370,3 +372,21 @@ def test_functional_optimizer_api_is_unchanged_by_donation():
     fdp.optim.apply_updates(params, updates)
     assert all(torch.equal(x, y) for x, y in zip(_leaves((params, state)), before, strict=True))
     assert math.isfinite(float(new_state.mu["w"].sum()))
+
+
+def test_steps_under_torch_func_transforms_are_functional():
+    params, loss_fn, width = _problem([5, 3], [True, True], torch.float64)
+    optimizer = fdp.optim.sgd(0.1, momentum=0.9)
+    state = fdp.TrainState.create(params, optimizer)
+    batch = torch.randn(4, width, dtype=torch.float64)
+
+    def after_step(scale, donate):
+        step = fdp.data_parallel_step(loss_fn, optimizer, fdp.Mesh(2), donate=donate)
+        scaled = state._replace(params={k: v * scale for k, v in state.params.items()})
+        return step(scaled, batch)[0].params["p0"].sum()
+
+    one = torch.tensor(1.0, dtype=torch.float64)
+    want = torch.func.grad(after_step)(one, "none")
+    assert torch.equal(torch.func.grad(after_step)(one, "auto"), want)
+    with pytest.raises(ValueError, match=r"donate='state' cannot update in place: a torch\.func"):
+        torch.func.grad(after_step)(one, "state")
