@@ -176,10 +176,6 @@ class StepMemory:
 
     def _refuse(self, why: str) -> str:
         """``"none"`` for ``"auto"``; a clear error for ``"state"``."""
-        return self._refuse(why)
-
-    def _refuse(self, why: str) -> str:
-        """``"none"`` for ``"auto"``; a clear error for ``"state"``."""
         if self.donate == "state":
             raise ValueError(_REFUSED.format(why=why))
         return "none"
