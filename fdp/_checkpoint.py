@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import torch
 
 from fdp import _tree
+from fdp._donation import check_not_donated
 from fdp._mesh import Mesh, check_mesh
 from fdp._zero import ShardedOptState
 
@@ -93,6 +94,7 @@ def _together(mesh: Mesh | None, what: str, task: Callable[[], T]) -> T:
 def _checked(path: object, state: Any) -> tuple[Path, list[tuple[str, Any]]]:
     final = _target(path, "save_checkpoint")
     pairs = _tree.leaves_with_path(state, "state")
+    check_not_donated(state, "save_checkpoint", "state")
     for key, leaf in pairs:
         if not isinstance(leaf, (torch.Tensor, int, float, str, bool, type(None))):
             raise TypeError(f"save_checkpoint: {key} is a {type(leaf).__name__}; "

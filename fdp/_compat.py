@@ -27,6 +27,7 @@ __all__ = [
     "in_functorch_transform",
     "is_functorch_wrapped",
     "pytree",
+    "storage_use_count",
 ]
 
 
@@ -146,6 +147,13 @@ def compiling() -> bool:
 # ``return True``, which an eager caller (a frame dynamo fell back from, whose callees dynamo
 # still compiles one by one) would believe. Traced callers still inline it.
 torch._dynamo.eval_frame.skip_code(compiling.__code__)
+
+
+def storage_use_count(x: torch.Tensor) -> int:
+    """How many holders share ``x``'s storage (c10's ``StorageImpl`` use count): one per tensor
+    object (a view, a ``detach()`` alias, one a NumPy array or DLPack capsule keeps alive) and
+    per ``UntypedStorage`` object, including the temporary one this call makes."""
+    return int(torch._C._storage_Use_Count(x.untyped_storage()._cdata))
 
 
 def in_functorch_transform() -> bool:

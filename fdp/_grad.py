@@ -11,6 +11,7 @@ import torch
 
 from fdp import _check, _explain, _inputs, _tree
 from fdp._compat import compiling
+from fdp._donation import check_not_donated
 from fdp._inputs import batch_size
 from fdp._layout import Layout, Sharded, split_sizes
 from fdp._mesh import Mesh, check_mesh
@@ -155,6 +156,7 @@ def value_and_grad(
     if buffer_policy is None:
         def run(params: dict[str, torch.Tensor], batch: Any, *args: Any,
                 key: torch.Tensor | None = None, row_offset: int = 0) -> tuple[Any, dict]:
+            check_not_donated(params, "value_and_grad", "params")
             plan = plan_for(params, batch, args, None, key, row_offset)
             return _missing_as_none(_call_backend(mesh, plan, params, batch), probe, plan,
                                     params, batch)
@@ -165,6 +167,7 @@ def value_and_grad(
                          batch: Any, *args: Any, key: torch.Tensor | None = None,
                          row_offset: int = 0) -> tuple[Any, dict]:
         _check.param_dict(buffers, "value_and_grad", "buffers")
+        check_not_donated(params, "value_and_grad", "params")
         plan = plan_for(params, batch, args, buffers, key, row_offset)
         return _missing_as_none(_call_backend(mesh, plan, params, batch), probe, plan, params,
                                 batch)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 
 from fdp import _check, _explain, _tree
 from fdp._accumulate import accumulate
+from fdp._donation import check_donate, check_not_donated, hand_over
 from fdp._grad import value_and_grad
 from fdp._mesh import Mesh, check_mesh
+from fdp._step_memory import StepMemory
 from fdp._tree import Params
 from fdp._zero import ShardedOptState, check_sharded, init_sharded, sharded_update
 from fdp.backends._base import SplitLoss
@@ -22,7 +24,6 @@ from fdp.backends._options import (
     Strategy,
     Unused,
 )
-from fdp.optim import apply_updates
 from fdp.random import _key_words, fold_in
 
 __all__ = ["TrainState", "data_parallel_step"]
@@ -124,13 +125,15 @@ def data_parallel_step(
     key: torch.Tensor | None = None,
     unused: Unused = "none",
     shard_optimizer_state: bool = False,
+    donate: Literal["auto", "state", "none"] = "auto",
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]:
     """Builds ``step(state, batch) -> (new_state, metrics)``: one data-parallel update.
 
     The step splits ``batch`` over ``mesh``, computes the single-device loss and gradient with
     :func:`fdp.value_and_grad` (optionally over ``microbatches`` slices, see
-    :func:`fdp.accumulate`), and applies ``optimizer``. It is pure: the input state is left as
-    it was, and ``torch.compile(step)`` gives the eager numbers.
+    :func:`fdp.accumulate`), and applies ``optimizer``. It is pure (unless built with
+    ``donate="state"``): the input state is left as it was, and ``torch.compile(step)`` gives
+    the eager numbers.
 
     Args:
         loss_fn: ``loss_fn(params, batch)``, the loss you would write for one device; with
@@ -172,6 +175,25 @@ def data_parallel_step(
             equals the unsharded step (up to the rounding of a global norm's sum); every
             :mod:`fdp.optim` transformation works, a global-norm clip sums over all slices
             (:func:`fdp.optim.sum_over_shards`). See docs/training.md.
+        donate: how the step may reuse memory; the results are bitwise those of ``"none"``
+            either way (docs/training.md, "Donated steps").
+
+            * ``"auto"`` (default): pure, and in place where nobody can tell: the step keeps
+              the storage of the states it returned and writes a new state into one that no
+              tensor uses any more (in ``state, m = step(state, batch)``, the state of two
+              steps ago), so steady state allocates no parameter-size memory. A state you
+              keep stays as it was (the step then allocates afresh). On CPU only; elsewhere,
+              under ``torch.compile`` or a ``torch.func`` transform, with tensors that require
+              grad, and with ``shard_optimizer_state``, the update is functional.
+            * ``"state"``: the step consumes its input state (JAX's ``donate_argnums``) and
+              writes the new params and optimizer state into its tensors, as
+              ``torch.optim`` does. Passing the old state (or its tensors) to a step,
+              :func:`fdp.value_and_grad`, an :mod:`fdp.optim` update or
+              :func:`fdp.save_checkpoint` again raises a ValueError; reading its tensors
+              directly shows the new values. Raises where it cannot write in place (under a
+              ``torch.func`` transform, tensors requiring grad, two state tensors sharing
+              memory); under ``torch.compile`` the update is functional in every mode.
+            * ``"none"``: fresh tensors every step.
 
     Returns:
         ``step(state, batch)``; ``metrics`` holds ``"loss"`` (the full batch's loss) and
@@ -196,8 +218,14 @@ def data_parallel_step(
         raise TypeError(f"data_parallel_step: shard_optimizer_state must be a bool, got "
                         f"{type(shard_optimizer_state).__name__}")
     check_mesh(mesh, "data_parallel_step")
+    donate = check_donate(donate, "data_parallel_step")
+    if donate == "state" and shard_optimizer_state:
+        raise ValueError("data_parallel_step: donate='state' does not combine with "
+                         "shard_optimizer_state=True (the sharded update is functional); use "
+                         "donate='auto' or 'none'")
 
     _check_optimizer(optimizer, "data_parallel_step")
+    memory = StepMemory(donate, optimizer)
     _check.callable_(loss_fn, "data_parallel_step", "loss_fn")
     _check.integer(microbatches, "data_parallel_step", "microbatches")
     if microbatches != 1 and strategy == "gather":
@@ -228,6 +256,7 @@ def data_parallel_step(
         if not isinstance(state, TrainState):
             raise TypeError(f"step: state must be an fdp.TrainState, got "
                             f"{type(state).__name__}; build one with fdp.TrainState.create")
+        check_not_donated(state, "step", "state")
         buffers = state.buffers
         keyed = {} if key is None else {"key": fold_in(key, state.step)}
         try:
@@ -241,15 +270,17 @@ def data_parallel_step(
                 raise
             raise better from e
         loss, aux = out if has_aux else (out, None)
+        donated = False
         if shard_optimizer_state:
             sharded = check_sharded(state.opt_state, mesh, "data_parallel_step")
             params, opt_state = sharded_update(optimizer, mesh, grads, sharded, state.params)
         else:
             _not_sharded(state.opt_state)
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            params = apply_updates(state.params, updates)
+            params, opt_state, donated = memory.update(optimizer, grads, state)
         new_state = state._replace(params=params, buffers=buffers, opt_state=opt_state,
                                    step=state.step + 1)
+        if donated:
+            new_state = hand_over(state, new_state)
         metrics: dict[str, Any] = {
             "loss": loss,
             "num_examples": torch.tensor(_rows(batch, dim), dtype=torch.int64),

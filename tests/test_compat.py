@@ -138,3 +138,27 @@ def test_add_note():
     error = ValueError("boom")
     _compat.add_note(error, "where")
     assert "where" in (getattr(error, "__notes__", None) or [str(error)])[-1]
+
+
+
+def test_storage_use_count_counts_every_tensor_on_the_memory():
+    from fdp._compat import storage_use_count
+
+    flat = torch.empty(10)
+    alone = storage_use_count(flat)
+    view = flat[2:5]
+    alias = flat.detach()
+    assert storage_use_count(flat) == alone + 2
+    del view, alias
+    assert storage_use_count(flat) == alone
+    array = flat[:3].numpy()  # the array keeps the view alive
+    assert storage_use_count(flat) == alone + 1
+    del array
+    capsule = torch.utils.dlpack.to_dlpack(flat[1:])
+    assert storage_use_count(flat) == alone + 1
+    del capsule
+    assert storage_use_count(flat) == alone
+    # torch caches one storage object per storage, so holding it does not count here (the
+    # step's recycler holds that object and watches its reference count instead)
+    storage = flat.untyped_storage()
+    assert flat[1:].untyped_storage() is storage

@@ -31,3 +31,6 @@ def test_training_page_prints_what_it_says(capsys):
         exec(block, namespace)
     out = capsys.readouterr().out.split("\n")
     assert out[0] == "0.0 0.01" and out[1] == "1 50 True"
+    donation = out.index("step: state.params['0.weight'] was donated to a step built with "
+                         "donate='state'")
+    assert out[donation - 2:donation] == ["True", "True"]

@@ -32,6 +32,16 @@ def test_bench_quick_writes_json(tmp_path):
     assert data["meta"]["torch"] == __import__("torch").__version__
 
 
+def test_bench_donate_section_compares_every_mode_with_torch_optim(tmp_path):
+    path = tmp_path / "bench.json"
+    assert bench_main(["--quick", "--rounds", "2", "--only", "donate", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["results"]
+    assert {r["measure"] for r in rows} == {"donate"}
+    for mode in ("none", "auto", "state"):
+        mine = [r for r in rows if r["name"].endswith(f"donate={mode}")]
+        assert len(mine) == 3 and all(r["ratio"] > 0 for r in mine)  # sgd, adam, step
+
+
 def test_digits_example_trains_both_runs_to_the_same_place(tmp_path):
     png = tmp_path / "loss.png"
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "train_digits.py"),

@@ -15,6 +15,9 @@ Measures (each ratio from candidates timed interleaved in the same run):
   threads  fdp value_and_grad on the threads backend (["cpu"] * 2) / the vmap backend (Mesh(2))
   zero     Adam's optimizer state per rank and the step time with shard_optimizer_state=True
            / without, on gloo ranks (N = 2 and 4, 1 thread each, MLP 128 rows per rank)
+  donate   the optimizer update as data_parallel_step runs it with donate="none", "auto" and
+           "state" / torch.optim's in-place step (SGD with momentum, Adam; MLP params), and
+           the whole step (Mesh(8), SGD) for each mode / module + torch.optim.SGD
   fallback the general executor (one thread per replica on the device) of Mesh(8): an LSTM,
            which vmap cannot run, and the MLP with executor="general" vs "vmap", each against
            the plain module fwd+bwd
@@ -35,11 +38,11 @@ from typing import Any
 
 import torch
 
-from fdp.bench import _cuda, _distributed, _fallback, _memory, _models, _zero
+from fdp.bench import _cuda, _distributed, _donate, _fallback, _memory, _models, _zero
 from fdp.bench._timing import time_interleaved
 
 SECTIONS = ("eager", "sweep", "compile", "memory", "jax", "distributed", "threads",
-            "fallback", "zero")
+            "fallback", "zero", "donate")
 
 
 def _row(table: list, measure: str, name: str, stats: dict, base: dict | None) -> None:
@@ -183,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         _fallback.bench_fallback(rounds, 8, table)
     if "zero" in sections:
         _zero.bench_zero(max(rounds, 5), [2] if args.quick else [2, 4], table)
+    if "donate" in sections:
+        _donate.bench_donate(rounds, table)
     return _finish(table, args, rounds)
 
 

@@ -4,8 +4,10 @@
 784-512-512-10 with 128 rows per rank. In every rank and round, each candidate runs once after a
 barrier, in a shuffled order that is the same on every rank:
 
-* ``fdp``: ``fdp.data_parallel_step`` (SGD) on ``fdp.Mesh.distributed()`` (on CPU, one
-  all-reduce after backward), and ``fdp overlap`` (``overlap=True``: buckets launched during
+* ``fdp``: ``fdp.data_parallel_step`` (SGD, the default ``donate="auto"``: the update writes
+  into recycled buffers) on ``fdp.Mesh.distributed()`` (on CPU, one all-reduce after
+  backward), ``fdp donate=none`` (fresh tensors every step), ``fdp donate=state`` (in place
+  into the donated state) and ``fdp overlap`` (``overlap=True``: buckets launched during
   backward, the first one at most 1 MB, as DDP);
 * ``DDP``: ``torch.nn.parallel.DistributedDataParallel`` on the same model and rows, with
   ``torch.optim.SGD`` (``zero_grad``, forward, loss, backward, step);
@@ -32,6 +34,7 @@ from torch import nn
 
 import fdp
 import fdp.launch
+from fdp._donation import Donate
 from fdp.bench import _models
 from fdp.bench._timing import time_interleaved
 
@@ -46,9 +49,12 @@ def _candidates(rows: int) -> dict[str, Callable[[], Any]]:
     mine = {k: v[rank * rows:(rank + 1) * rows] for k, v in w.batch.items()}
     loss_fn, params = w.loss_fn(), w.params()
     fns: dict[str, Callable[[], Any]] = {}
-    for name, overlap in (("fdp", None), ("fdp overlap", True)):
+    runs: tuple[tuple[str, bool | None, Donate], ...] = (
+        ("fdp", None, "auto"), ("fdp overlap", True, "auto"), ("fdp donate=none", None, "none"),
+        ("fdp donate=state", None, "state"))
+    for name, overlap, donate in runs:
         step = fdp.data_parallel_step(loss_fn, fdp.optim.sgd(0.01),
-                                      fdp.Mesh.distributed(overlap=overlap))
+                                      fdp.Mesh.distributed(overlap=overlap), donate=donate)
         fns[name] = _stepper(step, fdp.TrainState.create(params, fdp.optim.sgd(0.01)),
                              w.batch)
     module = nn.parallel.DistributedDataParallel(w.module)
@@ -112,8 +118,9 @@ def bench_distributed(rounds: int, runs: int, table: list) -> None:
         label = f"gloo {RANKS}x1 thread, mlp {ROWS_PER_RANK}/rank, run {run + 1}"
         table.append({"measure": "distributed", "name": f"{label}: DDP", **base,
                       "ratio": None})
-        for name, ref in (("fdp", base), ("fdp overlap", base),
-                          ("DDP fwd+bwd", None), ("fdp value_and_grad", stats["DDP fwd+bwd"])):
+        for name, ref in (("fdp", base), ("fdp donate=none", base), ("fdp donate=state", base),
+                          ("fdp overlap", base), ("DDP fwd+bwd", None),
+                          ("fdp value_and_grad", stats["DDP fwd+bwd"])):
             table.append({"measure": "distributed", "name": f"{label}: {name}", **stats[name],
                           "ratio": stats[name]["median_ms"] / ref["median_ms"] if ref else None})
         ratios.append(stats["fdp"]["median_ms"] / base["median_ms"])

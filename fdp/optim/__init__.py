@@ -2,9 +2,12 @@
 
 An optimizer is a :class:`GradientTransformation`: ``state = opt.init(params)`` and
 ``updates, state = opt.update(grads, state, params)``, then ``params = apply_updates(params,
-updates)``. States are NamedTuples of tensors; nothing is updated in place, so the same code runs
-eagerly, inside :func:`fdp.pmap` / ``torch.func.vmap`` and under ``torch.compile``. Each optimizer
-matches its ``torch.optim`` counterpart numerically.
+updates)``. States are NamedTuples of tensors; ``update`` and ``apply_updates`` never write into
+their inputs, so the same code runs eagerly, inside :func:`fdp.pmap` / ``torch.func.vmap`` and
+under ``torch.compile``. (Inside ``fdp.data_parallel_step(..., donate=...)`` fdp's own
+transformations write into memory the step owns, with the same kernels and bitwise the same
+results; see docs/training.md.) Each optimizer matches its ``torch.optim`` counterpart
+numerically.
 
 Example:
     >>> opt = fdp.optim.chain(fdp.optim.clip_by_global_norm(1.0),

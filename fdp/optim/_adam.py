@@ -8,6 +8,8 @@ import torch
 
 from fdp.optim import _base, _schedules
 from fdp.optim._base import EmptyState, GradientTransformation, PyTree
+from fdp.optim._into import NO_INTO, Into
+from fdp.optim._native import native
 
 __all__ = ["AdamState", "adam", "adamw"]
 
@@ -64,7 +66,8 @@ def _adam(
         return AdamState(count, zeros(), zeros(), nu_max, steps)
 
     def update(
-        grads: PyTree, state: AdamState, params: PyTree | None = None
+        grads: PyTree, state: AdamState, params: PyTree | None = None, *,
+        _into: Into | None = None,
     ) -> tuple[PyTree, AdamState]:
         where = f"{fn}.update"
         g_leaves, p_leaves = _base.update_inputs(where, fn, state, AdamState, grads, params, wd)
@@ -72,6 +75,10 @@ def _adam(
         nu = _base.state_leaves(where, state.nu, "state.nu", grads, params=params)
         nu_max = _base.state_leaves(where, state.nu_max, "state.nu_max", grads, amsgrad,
                                      params)
+        into = NO_INTO if _into is None else _into
+        dests = [into.dests(where, lambda s: s.mu, grads),
+                 into.dests(where, lambda s: s.nu, grads),
+                 into.dests(where, lambda s: s.nu_max, grads, amsgrad)]
         lr = _schedules.learning_rate_at(learning_rate, state.count, where)
         steps = _steps(where, state, g_leaves)
         step = steps.to(torch.float64)  # each parameter's own count, as torch.optim's
@@ -89,25 +96,30 @@ def _adam(
                     out[3].append(v_max)
                 continue
             if wd != 0 and not decoupled:
-                g = torch.add(g, p, alpha=wd)
-            m = torch.lerp(m, g, 1 - b1)
-            v = torch.addcmul(v * b2, g, g, value=1 - b2)
+                g = torch.add(g, p, alpha=wd, out=into.over(i, g))
+            dm, dv, dmax = dests[0][i], dests[1][i], dests[2][i]
+            m = torch.lerp(m, g, 1 - b1, out=dm)
+            v = torch.addcmul(torch.mul(v, b2, out=dv), g, g, value=1 - b2, out=dv)
             if amsgrad:
-                v_max = torch.maximum(v_max, v)
+                v_max = torch.maximum(v_max, v, out=dmax)
                 out[3].append(v_max)
-            denom = (v_max if amsgrad else v).sqrt() / bias_correction2_sqrt[i] + eps
-            u = (-step_size[i] * m) / denom
+            t = into.tmp(i, g)
+            denom = torch.sqrt(v_max if amsgrad else v, out=t)
+            denom = torch.add(torch.div(denom, bias_correction2_sqrt[i], out=t), eps, out=t)
+            u = torch.mul(-step_size[i], m, out=into.over(i, g))
+            u = torch.div(u, denom, out=into.output(i, u))
             if wd != 0 and decoupled:
-                u = u - (lr * wd) * p
+                u = torch.sub(u, torch.mul(p, lr * wd, out=t), out=into.output(i, u))
             out[0].append(u)
             out[1].append(m)
             out[2].append(v)
         new = [_base.unflatten_like(leaves, grads) for leaves in out[:3]]
         new_max = _base.unflatten_like(out[3], grads) if amsgrad else EmptyState()
-        return new[0], AdamState(state.count + 1, new[1], new[2], new_max,
+        count = torch.add(state.count, 1, out=into.dest(lambda s: s.count))
+        return new[0], AdamState(count, new[1], new[2], new_max,
                                  steps if state.steps is not None else None)
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, native(update))
 
 
 def _steps(where: str, state: AdamState, grads: list[torch.Tensor | None]) -> torch.Tensor:

@@ -30,6 +30,8 @@ import torch
 
 from fdp import _check, _tree
 from fdp._compat import pytree
+from fdp._donation import check_not_donated
+from fdp.optim._native import is_native, native
 
 __all__ = ["EmptyState", "GradientTransformation", "apply_updates", "chain", "sum_over_shards"]
 
@@ -84,8 +86,11 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def init(params: PyTree) -> tuple[OptState, ...]:
         return tuple(t.init(params) for t in transforms)
 
+    natives = [is_native(t.update) for t in transforms]
+
     def update(
-        grads: PyTree, state: tuple[OptState, ...], params: PyTree | None = None
+        grads: PyTree, state: tuple[OptState, ...], params: PyTree | None = None, *,
+        _into: Any = None,
     ) -> tuple[Updates, tuple[OptState, ...]]:
         if type(state) is not tuple or len(state) != len(transforms):
             got = len(state) if type(state) is tuple else type(state).__name__
@@ -94,12 +99,18 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                 f"this chain's init, got {got}; build it with opt.init(params)"
             )
         new_states = []
-        for t, s in zip(transforms, state, strict=True):
-            grads, s = t.update(grads, s, params)
+        last = len(transforms) - 1
+        for k, (t, s) in enumerate(zip(transforms, state, strict=True)):
+            if _into is None or not natives[k]:  # a user's transformation: functional
+                grads, s = t.update(grads, s, params)
+            else:  # its output stays in the step unless a user's transformation reads it
+                private = _into.private_output and (k == last or natives[k + 1])
+                dest = None if _into.state is None else _into.state[k]
+                grads, s = t.update(grads, s, params, _into=_into.child(dest, private))
             new_states.append(s)
         return grads, tuple(new_states)
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, native(update, [t.update for t in transforms]))
 
 
 def apply_updates(params: PyTree, updates: Updates) -> PyTree:
@@ -109,6 +120,14 @@ def apply_updates(params: PyTree, updates: Updates) -> PyTree:
         >>> fdp.optim.apply_updates({"w": torch.ones(2)}, {"w": torch.tensor([0.5, -1.0])})
         {'w': tensor([1.5000, 0.0000])}
     """
+    return apply_into(params, updates, None)
+
+
+def apply_into(params: PyTree, updates: Updates, into: PyTree | None) -> PyTree:
+    """:func:`apply_updates`, writing each new leaf into the leaf of ``into`` (a tree like
+    ``params``) where one is given: the same kernel as the functional sum."""
+    check_not_donated(params, "apply_updates", "params")
+    check_not_donated(updates, "apply_updates", "updates")
     p_leaves, spec = pytree.tree_flatten(params)
     u_leaves = aligned_leaves("apply_updates", updates, "updates", params, "params",
                               same_dtype=False, blame=_UPDATES_FIX)
@@ -116,9 +135,17 @@ def apply_updates(params: PyTree, updates: Updates) -> PyTree:
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(f"apply_updates: params{path} is a {type(leaf).__name__}, "
                             f"not a torch.Tensor")
-    out = [p if u is None else (p + u).to(p.dtype) for p, u in zip(p_leaves, u_leaves,
-                                                                    strict=True)]
+    d_leaves = [None] * len(p_leaves) if into is None else pytree.tree_leaves(into)
+    out = [p if u is None else _add(p, u, d) for p, u, d in zip(p_leaves, u_leaves, d_leaves,
+                                                                strict=True)]
     return pytree.tree_unflatten(out, spec)
+
+
+def _add(p: torch.Tensor, u: torch.Tensor, dest: torch.Tensor | None) -> torch.Tensor:
+    """``p + u`` in ``p``'s dtype, into ``dest`` when given (the same kernel either way)."""
+    if dest is None or u.dtype != p.dtype:
+        return (p + u).to(p.dtype)
+    return torch.add(p, u, out=dest)
 
 
 def _paths_if_needed(tree: PyTree, leaves: list[Any]) -> list[tuple[str, Any]]:
@@ -286,6 +313,7 @@ def check_state(state: Any, expected: type, fn: str, factory: str) -> None:
             f"{fn}: state must be the {expected.__name__} made by {factory}.init, got "
             f"{type(state).__name__}; initialize the state with the same optimizer"
         )
+    check_not_donated(state, fn, "state")
 
 
 def update_inputs(
@@ -298,6 +326,8 @@ def update_inputs(
     no params were given and none are needed).
     """
     check_state(state, state_type, where, factory)
+    check_not_donated(grads, where, "grads")
+    check_not_donated(params, where, "params")
     g_leaves = grad_leaves(grads, where)
     if weight_decay != 0:
         need_params(params, where, f"weight_decay={weight_decay}")

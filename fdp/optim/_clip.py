@@ -5,8 +5,11 @@ from __future__ import annotations
 import torch
 
 from fdp._compat import pytree
+from fdp._donation import check_not_donated
 from fdp.optim import _base
 from fdp.optim._base import EmptyState, GradientTransformation, PyTree
+from fdp.optim._into import NO_INTO, Into
+from fdp.optim._native import native
 
 __all__ = ["clip_by_global_norm", "global_norm"]
 
@@ -49,16 +52,20 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         return EmptyState()
 
     def update(
-        grads: PyTree, state: EmptyState, params: PyTree | None = None
+        grads: PyTree, state: EmptyState, params: PyTree | None = None, *,
+        _into: Into | None = None,
     ) -> tuple[PyTree, EmptyState]:
         if not isinstance(state, EmptyState):
             raise TypeError(f"clip_by_global_norm.update: state must be the EmptyState from its "
                             f"init, got {type(state).__name__}")
+        check_not_donated(grads, "clip_by_global_norm.update", "grads")
         leaves, spec = pytree.tree_flatten(grads)
         if all(g is None for g in leaves):
             return grads, state
+        into = NO_INTO if _into is None else _into
         coef = torch.clamp(limit / (global_norm(grads) + 1e-6), max=1.0)
-        return pytree.tree_unflatten([None if g is None else g * coef.to(g.device)
-                                      for g in leaves], spec), state
+        return pytree.tree_unflatten([
+            None if g is None else torch.mul(g, coef.to(g.device), out=into.output(i, g))
+            for i, g in enumerate(leaves)], spec), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, native(update))

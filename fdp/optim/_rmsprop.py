@@ -8,6 +8,8 @@ import torch
 
 from fdp.optim import _base, _schedules
 from fdp.optim._base import EmptyState, GradientTransformation, PyTree
+from fdp.optim._into import NO_INTO, Into
+from fdp.optim._native import native
 
 __all__ = ["RMSPropState", "rmsprop"]
 
@@ -80,7 +82,8 @@ def rmsprop(
                             zeros() if m > 0 else EmptyState())
 
     def update(
-        grads: PyTree, state: RMSPropState, params: PyTree | None = None
+        grads: PyTree, state: RMSPropState, params: PyTree | None = None, *,
+        _into: Into | None = None,
     ) -> tuple[PyTree, RMSPropState]:
         where = "rmsprop.update"
         g_leaves, p_leaves = _base.update_inputs(where, "rmsprop", state, RMSPropState, grads,
@@ -91,9 +94,14 @@ def rmsprop(
                                 params)
         buf = _base.state_leaves(where, state.momentum_buffer, "state.momentum_buffer", grads,
                                  m > 0, params)
+        into = NO_INTO if _into is None else _into
+        dests = zip(into.dests(where, lambda s: s.square_avg, grads),
+                    into.dests(where, lambda s: s.grad_avg, grads, centered),
+                    into.dests(where, lambda s: s.momentum_buffer, grads, m > 0), strict=True)
         lr = _schedules.learning_rate_at(learning_rate, state.count, where)
         out: list[list[torch.Tensor | None]] = [[], [], [], []]
-        for g, p, s, c, b in zip(g_leaves, p_leaves, sq, ga, buf, strict=True):
+        for i, (g, p, s, c, b, (ds, dc, db)) in enumerate(zip(g_leaves, p_leaves, sq, ga, buf,
+                                                                dests, strict=True)):
             if g is None:  # no gradient: skipped, as torch.optim skips a .grad of None
                 out[0].append(None)
                 out[1].append(s)
@@ -103,27 +111,30 @@ def rmsprop(
                     out[3].append(b)
                 continue
             if wd != 0:
-                g = torch.add(g, p, alpha=wd)
-            s = torch.addcmul(s * a, g, g, value=1 - a)
+                g = torch.add(g, p, alpha=wd, out=into.over(i, g))
+            s = torch.addcmul(torch.mul(s, a, out=ds), g, g, value=1 - a, out=ds)
             out[1].append(s)
+            t = into.tmp(i, g)
             if centered:
-                c = torch.lerp(c, g, 1 - a)
+                c = torch.lerp(c, g, 1 - a, out=dc)
                 out[2].append(c)
-                avg = torch.addcmul(s, c, c, value=-1).sqrt()
+                avg = torch.sqrt(torch.addcmul(s, c, c, value=-1, out=t), out=t)
             else:
-                avg = s.sqrt()
-            avg = avg + eps
+                avg = torch.sqrt(s, out=t)
+            avg = torch.add(avg, eps, out=t)
             if m > 0:
-                b = torch.addcdiv(b * m, g, avg)
+                b = torch.addcdiv(torch.mul(b, m, out=db), g, avg, out=db)
                 out[3].append(b)
-                out[0].append(b * -lr)
+                out[0].append(torch.mul(b, -lr, out=into.output(i, g)))
             else:
-                out[0].append((-lr * g) / avg)
+                u = torch.mul(g, -lr, out=into.output(i, g))
+                out[0].append(torch.div(u, avg, out=into.output(i, u)))
 
         def tree(i: int, present: bool = True) -> PyTree:
             return _base.unflatten_like(out[i], grads) if present else EmptyState()
 
-        new = RMSPropState(state.count + 1, tree(1), tree(2, centered), tree(3, m > 0))
+        count = torch.add(state.count, 1, out=into.dest(lambda s: s.count))
+        new = RMSPropState(count, tree(1), tree(2, centered), tree(3, m > 0))
         return tree(0), new
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, native(update))

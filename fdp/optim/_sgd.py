@@ -6,8 +6,11 @@ from typing import NamedTuple
 
 import torch
 
+from fdp._compat import compiling, is_functorch_wrapped
 from fdp.optim import _base, _schedules
 from fdp.optim._base import EmptyState, GradientTransformation, PyTree
+from fdp.optim._into import NO_INTO, Into
+from fdp.optim._native import native
 
 __all__ = ["SGDState", "sgd"]
 
@@ -72,7 +75,8 @@ def sgd(
         return SGDState(_base.step_count(leaves), buf)
 
     def update(
-        grads: PyTree, state: SGDState, params: PyTree | None = None
+        grads: PyTree, state: SGDState, params: PyTree | None = None, *,
+        _into: Into | None = None,
     ) -> tuple[PyTree, SGDState]:
         where = "sgd.update"
         g_leaves, p_leaves = _base.update_inputs(where, "sgd", state, SGDState, grads, params,
@@ -80,23 +84,38 @@ def sgd(
         lr = _schedules.learning_rate_at(learning_rate, state.count, where)
         b_leaves = _base.state_leaves(where, state.momentum_buffer, "state.momentum_buffer",
                                       grads, m != 0, params)
+        into = NO_INTO if _into is None else _into
+        b_dests = into.dests(where, lambda s: s.momentum_buffer, grads, m != 0)
         first = state.count == 0
+        later = _known_later(state.count)
         updates: list[torch.Tensor | None] = []
         buffers: list[torch.Tensor] = []
-        for g, p, b in zip(g_leaves, p_leaves, b_leaves, strict=True):
+        for i, (g, p, b, bd) in enumerate(zip(g_leaves, p_leaves, b_leaves, b_dests,
+                                              strict=True)):
             if g is None:  # no gradient: skipped, as torch.optim skips a .grad of None
                 updates.append(None)
                 if m != 0:
                     buffers.append(b)
                 continue
             if wd != 0:
-                g = torch.add(g, p, alpha=wd)
+                g = torch.add(g, p, alpha=wd, out=into.over(i, g))
             if m != 0:
-                b = torch.where(first, g, torch.add(b * m, g, alpha=1 - d))
+                b = torch.add(torch.mul(b, m, out=bd), g, alpha=1 - d, out=bd)
+                if not later:  # where(False, g, b) is b, bitwise: skipped when known
+                    b = torch.where(first, g, b, out=bd)
                 buffers.append(b)
-                g = torch.add(g, b, alpha=m) if nesterov else b
-            updates.append(g * -lr)
+                g = torch.add(g, b, alpha=m, out=into.over(i, g)) if nesterov else b
+            updates.append(torch.mul(g, -lr, out=into.output(i, g)))
         new_buf = _base.unflatten_like(buffers, grads) if m != 0 else EmptyState()
-        return _base.unflatten_like(updates, grads), SGDState(state.count + 1, new_buf)
+        count = torch.add(state.count, 1, out=into.dest(lambda s: s.count))
+        return _base.unflatten_like(updates, grads), SGDState(count, new_buf)
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, native(update))
+
+
+def _known_later(count: torch.Tensor) -> bool:
+    """Whether ``count`` is known (on the host, without a device sync) to be past the first
+    step; ``False`` under ``torch.compile`` or a ``torch.func`` transform."""
+    if count.device.type != "cpu" or compiling() or is_functorch_wrapped(count):
+        return False
+    return bool(count != 0)
