@@ -10,6 +10,7 @@ from torch.func import grad_and_value, vmap
 
 from fdp import _check, _tree
 from fdp._buffers import reduce_buffers
+from fdp._collectives._compiled import functorch_kinds
 from fdp._compat import add_note, compiling, in_functorch_transform
 from fdp.backends._base import Backend, GradPlan, MapBody, Params, PyTree, Replica
 from fdp.backends._comm import Unreachable
@@ -186,7 +187,8 @@ class VmapBackend(StackedPlacement):
                 it = iter(tensors[len(buffer_keys):])
                 shard = [next(it) if d is not None else leaf
                          for leaf, d in zip(leaves, dims, strict=True)]
-                frame = AxisFrame(plan.axis_name, axis_size, index, comm=comm, offset=offset)
+                frame = AxisFrame(plan.axis_name, axis_size, index, comm=comm, offset=offset,
+                                  depth=len(functorch_kinds()) if compiling() else None)
                 with bind_axis(frame):
                     return fn(_tree.unflatten(shard, treedef), bufs)
             return run
