@@ -173,7 +173,7 @@ class VmapBackend(StackedPlacement):
             offsets = first + s * torch.arange(k, device=self.device)
             return [index, offsets, *bufs, *shard]
 
-        comm = None if len(groups) == 1 else Unreachable(plan.layout.active_count, (
+        comm = None if len(groups) == 1 else Unreachable(plan.layout.active_count, lambda: (
             f"collectives inside value_and_grad's loss_fn on the vmap backend need every "
             f"replica to hold the same number of rows, but the batch of {plan.layout.total} "
             f"splits into {plan.layout.sizes}; use a batch size divisible by the mesh size, "
