@@ -132,3 +132,15 @@ def _counting_inductor(counter: CompileCounter):
         counter(gm, example_inputs)
         return compile_fx(gm, example_inputs)
     return backend
+
+
+def test_dynamic_true_with_uneven_splits_compiles_once():
+    """``dynamic=True`` with uneven splits (which failed in dynamo before): one compile."""
+    model = _model()
+    vg = fdp.value_and_grad(_mse(model), fdp.Mesh(4))
+    counter = CompileCounter()
+    compiled = torch.compile(vg, backend=counter, dynamic=True)
+    for b in [14, 17, 22, 27]:  # chunk: [m, m, m, rest], rest ≥ 2
+        assert_close(compiled(model.params, _batch(b, b)), vg(model.params, _batch(b, b)),
+                     F64_REL)
+    assert counter.frame_count == 1
