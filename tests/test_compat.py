@@ -138,3 +138,29 @@ def test_add_note():
     error = ValueError("boom")
     _compat.add_note(error, "where")
     assert "where" in (getattr(error, "__notes__", None) or [str(error)])[-1]
+
+
+def test_functorch_kinds_names_the_active_transforms_outermost_first():
+    from fdp._compat import functorch_kinds
+
+    seen = []
+
+    def f(x):
+        seen.append(functorch_kinds())
+        return x.sum()
+
+    assert functorch_kinds() == ()
+    torch.func.grad(lambda x: torch.func.vmap(f)(x).sum())(torch.ones(2, 3))
+    assert seen == [("Grad", "Vmap")]
+
+
+def test_compile_counter_counts_compiled_frames():
+    from fdp._compat import compile_counter
+
+    torch.compiler.reset()
+    counter = compile_counter()
+    compiled = torch.compile(lambda x: x + 1, backend=counter)
+    assert torch.equal(compiled(torch.ones(2)), torch.full((2,), 2.0))
+    compiled(torch.ones(2))
+    assert counter.frame_count == 1
+    torch.compiler.reset()

@@ -21,21 +21,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from fdp._collectives._rules import _extreme_backward, _reduce
+from fdp._compat import functorch_kinds
 
-__all__ = ["check_transforms", "compiled_all_reduce", "functorch_kinds"]
-
-
-@torch._dynamo.assume_constant_result
-def functorch_kinds() -> tuple[str, ...]:
-    """The active ``torch.func`` transforms, outermost first (e.g. ``("Grad", "Vmap")``).
-
-    Structural, so torch.compile reads it once while tracing (``assume_constant_result``: no
-    guard, no graph break); traced code runs under the same transforms every call.
-    """
-    return tuple(i.key().name for i in retrieve_all_functorch_interpreters())
+__all__ = ["check_transforms", "compiled_all_reduce"]
 
 
 def check_transforms(depth: int, fn: str) -> None:

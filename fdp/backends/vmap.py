@@ -10,8 +10,7 @@ from torch.func import grad_and_value, vmap
 
 from fdp import _check, _tree
 from fdp._buffers import reduce_buffers
-from fdp._collectives._compiled import functorch_kinds
-from fdp._compat import add_note, compiling, in_functorch_transform
+from fdp._compat import add_note, compiling, functorch_kinds, in_functorch_transform
 from fdp.backends._base import Backend, GradPlan, MapBody, Params, PyTree, Replica
 from fdp.backends._comm import Unreachable
 from fdp.backends._fallback import (

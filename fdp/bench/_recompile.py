@@ -8,10 +8,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch._dynamo.testing import CompileCounter
 from torch.func import grad_and_value
 
 import fdp
+from fdp._compat import compile_counter
 from fdp.bench._models import Workload
 
 __all__ = ["SIZES", "compile_counts"]
@@ -40,11 +40,11 @@ def compile_counts(w: Workload, n: int, sizes: tuple[int, ...] = SIZES) -> dict[
     }
     counts = {}
     for name, fn in candidates.items():
-        torch._dynamo.reset()
-        counter = CompileCounter()
+        torch.compiler.reset()
+        counter = compile_counter()
         compiled = torch.compile(fn, backend=counter)
         for b in sizes:
             compiled(params, {k: v[:b] for k, v in w.batch.items()})
         counts[name] = counter.frame_count
-    torch._dynamo.reset()
+    torch.compiler.reset()
     return counts
