@@ -206,3 +206,21 @@ def test_compiled_collective_under_grad_inside_loss_raises():
         torch.compile(vg, fullgraph=True)(params, x)
     torch._dynamo.reset()
     assert_close(torch.compile(vg)(params, x), eager, F64_REL)
+
+
+def test_compiled_collectives_in_loss_with_a_nested_vmap_equal_eager():
+    """psum inside a vmap nested in the replica, pmean and pmax at the replica's level: the
+    compile-safe op passes through the inner level and reduces at the frame's."""
+    mesh = fdp.Mesh(4)
+    x = torch.randn(12, 3, dtype=f64)
+
+    def loss_fn(p, b):
+        rows = torch.func.vmap(lambda r: fdp.psum(r * p["w"], "dp"))(b)  # [rows, 3]
+        centred = b * p["w"] - fdp.pmean((b * p["w"]).mean(0), "dp")
+        top = fdp.pmax(p["w"] @ b.T, "dp")
+        return (rows.sum(1) ** 2).mean() + (centred ** 2).mean() + top.mean()
+
+    vg = fdp.value_and_grad(loss_fn, mesh)
+    params = {"w": torch.randn(3, dtype=f64)}
+    compiled = torch.compile(vg, fullgraph=True)(params, x)
+    assert_close(compiled, vg(params, x), F64_REL)
