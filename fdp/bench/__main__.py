@@ -85,8 +85,9 @@ def bench_compile(workloads: list[str], rounds: int, n: int, table: list) -> Non
         _row(table, "compile", f"{w.name}: compiled fdp DP N={n}", res["dp"], res["plain"])
         sizes = _recompile.SIZES
         for name, count in _recompile.compile_counts(w, n, sizes).items():
-            table.append({"measure": "compile", "name": f"{w.name}: {name}: {count} compiles",
-                          "ratio": None, "compiles": count, "batch_sizes": list(sizes)})
+            table.append({"measure": "compile", "ratio": None, "compiles": count,
+                          "name": f"{key}: {count} compiles/{len(sizes)} sizes, {name}",
+                          "batch_sizes": list(sizes)})
 
 
 def bench_memory(workloads: list[str], sizes: list[int], table: list) -> None:

@@ -20,8 +20,8 @@ SIZES = (64, 72, 77, 96, 101, 128, 135, 160, 190, 224)  # even and uneven on Mes
 
 
 def compile_counts(w: Workload, n: int, sizes: tuple[int, ...] = SIZES) -> dict[str, int]:
-    """Compiles of each candidate over batches of ``sizes`` rows (the first rows of the
-    workload's batch)."""
+    """Compiles of each candidate over batches of ``sizes`` rows (the workload's batch's rows,
+    repeated as needed)."""
     loss, params = w.loss_fn(), w.params()
     model = fdp.functionalize(w.module)
 
@@ -34,9 +34,9 @@ def compile_counts(w: Workload, n: int, sizes: tuple[int, ...] = SIZES) -> dict[
     split = fdp.split_loss(forward, criterion)
     mesh = fdp.Mesh(n, device=w.batch["x"].device)
     candidates: dict[str, Callable[..., Any]] = {
-        "compiled single-device func": grad_and_value(loss),
-        f"compiled fdp DP N={n} weighted": fdp.value_and_grad(loss, mesh),
-        f"compiled fdp DP N={n} gather": fdp.value_and_grad(split, mesh, strategy="gather"),  # type: ignore[arg-type]  # a SplitLoss is callable
+        "single-device": grad_and_value(loss),
+        f"DP N={n} weighted": fdp.value_and_grad(loss, mesh),
+        f"DP N={n} gather": fdp.value_and_grad(split, mesh, strategy="gather"),  # type: ignore[arg-type]  # a SplitLoss is callable
     }
     counts = {}
     for name, fn in candidates.items():
@@ -44,7 +44,12 @@ def compile_counts(w: Workload, n: int, sizes: tuple[int, ...] = SIZES) -> dict[
         counter = compile_counter()
         compiled = torch.compile(fn, backend=counter)
         for b in sizes:
-            compiled(params, {k: v[:b] for k, v in w.batch.items()})
+            compiled(params, _rows(w.batch, b))
         counts[name] = counter.frame_count
     torch.compiler.reset()
     return counts
+
+
+def _rows(batch: dict[str, torch.Tensor], b: int) -> dict[str, torch.Tensor]:
+    """``b`` rows of ``batch``, cycling through its rows."""
+    return {k: v[torch.arange(b, device=v.device) % v.shape[0]] for k, v in batch.items()}
