@@ -40,7 +40,7 @@ class AxisFrame:
         depth: set (the number of active ``torch.func`` transforms, this axis's vmap
             included) where the vmap backend's fused step binds the frame while torch.compile
             traces it: reductions then use the compile-safe op of
-            :mod:`fdp._collectives._compiled` instead of failing over to eager.
+            ``fdp/_collectives/_compiled.py`` instead of failing over to eager.
     """
 
     name: str
