@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
+from fdp._compat import compiling
 from fdp.backends._comm import Communicator
 from fdp.backends._options import BufferPolicy
 
@@ -37,13 +38,7 @@ def reduce_buffers(stacked: dict[str, torch.Tensor], counts: Sequence[int], poli
         if policy == "replica0" or value.shape[0] == 1:
             out[key] = value[0]
         elif policy == "sync":
-            if not bool((value == value[:1]).all()):
-                raise ValueError(
-                    f"{fn}: buffer_policy='sync' but buffer {key!r} differs across replicas: "
-                    f"its layer computes per-replica statistics. Convert the model's BatchNorm "
-                    f"layers with fdp.nn.convert_sync_batchnorm(module), or use "
-                    f"buffer_policy='replica0' or 'mean'"
-                )
+            _check_synchronized(key, value, fn)
             out[key] = value[0]
         elif value.is_floating_point() or value.is_complex():
             # accumulated in float64 (complex128), then rounded once to the buffer's dtype
@@ -53,6 +48,23 @@ def reduce_buffers(stacked: dict[str, torch.Tensor], counts: Sequence[int], poli
         else:
             out[key] = value[0]
     return out
+
+
+def _check_synchronized(key: str, value: torch.Tensor, fn: str) -> None:
+    """Every replica holds the same ``value`` (leading axis: the replicas), or an error.
+
+    Under torch.compile the check is an in-graph assertion (``torch._assert_async``, with the
+    same message) instead of a ``.item()``, which would break the graph every step.
+    """
+    message = (f"{fn}: buffer_policy='sync' but buffer {key!r} differs across replicas: its "
+               f"layer computes per-replica statistics. Convert the model's BatchNorm layers "
+               f"with fdp.nn.convert_sync_batchnorm(module), or use buffer_policy='replica0' "
+               f"or 'mean'")
+    same = (value == value[:1]).all()
+    if compiling():
+        torch._assert_async(same, message)
+    elif not bool(same):
+        raise ValueError(message)
 
 
 def exchange_buffers(comm: Communicator, buffers: dict[str, torch.Tensor], sizes: Sequence[int],

@@ -22,7 +22,9 @@ __all__ = [
     "UninitializedTensorMixin",
     "add_note",
     "broadcast_prefix_and_flatten",
+    "compile_counter",
     "compiling",
+    "functorch_kinds",
     "in_forward_ad",
     "in_functorch_transform",
     "is_functorch_wrapped",
@@ -174,3 +176,24 @@ def is_functorch_wrapped(x: torch.Tensor) -> bool:
     """Whether ``x`` is a ``torch.func`` wrapper (batched or tracked by a transform), whose
     value cannot be read on the host."""
     return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
+@torch._dynamo.assume_constant_result
+def functorch_kinds() -> tuple[str, ...]:
+    """The active ``torch.func`` transforms in this thread, outermost first (e.g.
+    ``("Grad", "Vmap")``).
+
+    Structural, so torch.compile reads it once while tracing (``assume_constant_result``: no
+    guard, no graph break); traced code runs under the same transforms on every call.
+    """
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return tuple(i.key().name for i in retrieve_all_functorch_interpreters())
+
+
+def compile_counter() -> Any:
+    """A torch.compile backend that counts the frames dynamo compiles (``.frame_count``) and
+    runs their graphs as captured (``torch._dynamo.testing.CompileCounter``)."""
+    from torch._dynamo.testing import CompileCounter
+
+    return CompileCounter()

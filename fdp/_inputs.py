@@ -59,21 +59,23 @@ def batch_size(tree: Any, dim: int, fn: str, root: str = "batch") -> int:
     pairs = batch_leaves(tree, fn, root)
     if not pairs:
         raise ValueError(f"{fn}: {root} has no tensor leaves to split")
-    sizes: dict[int, str] = {}
+    first: tuple[Any, str] | None = None  # not a dict of sizes: a traced size is no key
     for path, leaf in pairs:
         if not -leaf.dim() <= dim < leaf.dim():
             raise ValueError(
                 f"{fn}: dim={dim} is out of range for {path} with shape {tuple(leaf.shape)}; "
                 f"every tensor in the batch needs the batch dimension"
             )
-        sizes.setdefault(leaf.shape[dim], path)
-    if len(sizes) > 1:
-        (a, pa), (b, pb) = list(sizes.items())[:2]
-        raise ValueError(
-            f"{fn}: batch leaves disagree on the batch size at dim={dim}: {pa} has {a} rows, "
-            f"{pb} has {b}; pass per-batch constants outside the batch"
-        )
-    size = next(iter(sizes))
+        if first is None:
+            first = (leaf.shape[dim], path)
+        elif leaf.shape[dim] != first[0]:
+            raise ValueError(
+                f"{fn}: batch leaves disagree on the batch size at dim={dim}: {first[1]} has "
+                f"{first[0]} rows, {path} has {leaf.shape[dim]}; pass per-batch constants "
+                f"outside the batch"
+            )
+    assert first is not None
+    size = first[0]
     if size == 0:
         raise ValueError(f"{fn}: {root} is empty (0 rows at dim={dim}); give at least one row")
     return size

@@ -108,11 +108,13 @@ def split_sizes(batch_size: int, n: int, split: str | Sequence[int],
         if split == "chunk":
             # torch.chunk's rule (nn.DataParallel's scatter): ceil-sized chunks, then empties.
             chunk = -(-batch_size // n)
-            full, rest = divmod(batch_size, chunk)
+            full = batch_size // chunk  # not divmod: dynamo cannot trace it on SymInts
+            rest = batch_size - full * chunk
             chunks = [chunk] * full + ([rest] if rest else [])
             return tuple(chunks + [0] * (n - len(chunks)))
         if split == "even":
-            base, extra = divmod(batch_size, n)
+            base = batch_size // n
+            extra = batch_size - base * n
             return tuple(base + 1 if i < extra else base for i in range(n))
         raise ValueError(
             f"{fn}: unknown split={split!r}; use {', '.join(map(repr, SPLIT_NAMES))} or a list "

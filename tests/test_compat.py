@@ -162,3 +162,29 @@ def test_storage_use_count_counts_every_tensor_on_the_memory():
     # step's recycler holds that object and watches its reference count instead)
     storage = flat.untyped_storage()
     assert flat[1:].untyped_storage() is storage
+
+
+def test_functorch_kinds_names_the_active_transforms_outermost_first():
+    from fdp._compat import functorch_kinds
+
+    seen = []
+
+    def f(x):
+        seen.append(functorch_kinds())
+        return x.sum()
+
+    assert functorch_kinds() == ()
+    torch.func.grad(lambda x: torch.func.vmap(f)(x).sum())(torch.ones(2, 3))
+    assert seen == [("Grad", "Vmap")]
+
+
+def test_compile_counter_counts_compiled_frames():
+    from fdp._compat import compile_counter
+
+    torch.compiler.reset()
+    counter = compile_counter()
+    compiled = torch.compile(lambda x: x + 1, backend=counter)
+    assert torch.equal(compiled(torch.ones(2)), torch.full((2,), 2.0))
+    compiled(torch.ones(2))
+    assert counter.frame_count == 1
+    torch.compiler.reset()

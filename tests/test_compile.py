@@ -3,6 +3,8 @@ silently dropped collective (pytorch#129845)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -137,3 +139,88 @@ def test_compiled_step_with_zero_gradients_for_missing_ones_compiles_whole():
     assert_close(compiled.params, eager.params, F64_REL)
     with pytest.raises(ValueError, match="unused"):
         fdp.data_parallel_step(loss, optimizer, fdp.Mesh(4), unused="skip")
+
+
+def _sync_bn_problem(seed: int = 0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).double()
+    model = fdp.functionalize(fdp.nn.convert_sync_batchnorm(net))
+
+    def loss_fn(params, buffers, batch):
+        out, new_buffers = model.apply(params, buffers, batch["x"])
+        return (out - batch["y"]).pow(2).mean(), new_buffers
+
+    batch = {"x": torch.randn(8, 3, dtype=f64), "y": torch.randn(8, 2, dtype=f64)}
+    return net, model, loss_fn, batch
+
+
+def test_compiled_sync_batchnorm_is_one_graph_and_equals_eager_and_single_device():
+    """buffer_policy="sync" on the vmap backend: the psums inside the vmapped loss and the
+    replicas-agree check compile into the one graph (no graph break, no eager fallback)."""
+    net, model, loss_fn, batch = _sync_bn_problem()
+    vg = fdp.value_and_grad(loss_fn, fdp.Mesh(4), buffer_policy="sync")
+    explained = torch._dynamo.explain(vg)(model.params, model.buffers, batch)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), \
+        explained.break_reasons
+    torch._dynamo.reset()
+    (loss, buffers), grads = torch.compile(vg, fullgraph=True)(model.params, model.buffers,
+                                                               batch)
+    # BatchNorm makes the first bias's gradient 0 up to rounding: an absolute floor
+    torch.testing.assert_close(((loss, buffers), grads), vg(model.params, model.buffers, batch),
+                               rtol=1e-10, atol=1e-12)
+    ref = copy.deepcopy(net)
+    ref_loss = (ref(batch["x"]) - batch["y"]).pow(2).mean()
+    ref_grads = dict(zip([k for k, _ in ref.named_parameters()],
+                         torch.autograd.grad(ref_loss, list(ref.parameters())), strict=True))
+    torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads, ref_grads, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(buffers, dict(ref.named_buffers()), rtol=1e-10, atol=1e-12)
+
+
+def test_compiled_sync_policy_still_refuses_unsynchronized_buffers():
+    """The replicas-agree check is an in-graph assertion under compile: same message."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).double()  # not converted
+    model = fdp.functionalize(net)
+    vg = fdp.value_and_grad(
+        lambda p, b, x: (model.apply(p, b, x)[0].sum(), model.apply(p, b, x)[1]),
+        fdp.Mesh(2), buffer_policy="sync")
+    with pytest.raises(RuntimeError, match=r"buffer_policy='sync' but buffer '1\.running_mean'"):
+        torch.compile(vg)(model.params, model.buffers, torch.randn(6, 3, dtype=f64))
+
+
+def test_compiled_collective_under_grad_inside_loss_raises():
+    """torch.func.grad inside value_and_grad's loss_fn, with a psum inside it: the case
+    pytorch#129845 gets wrong under compile; it raises, never a silently dropped psum."""
+    mesh = fdp.Mesh(2)
+    x = torch.arange(1.0, 5.0, dtype=f64).reshape(4, 1)
+
+    def loss_fn(p, b):
+        inner = torch.func.grad(lambda w: fdp.psum((w * b).sum(), "dp"))(p["w"])
+        return (p["w"] * inner).sum()
+
+    vg = fdp.value_and_grad(loss_fn, mesh)
+    params = {"w": torch.tensor([2.0], dtype=f64)}
+    eager = vg(params, x)
+    with pytest.raises(Exception, match="129845"):
+        torch.compile(vg, fullgraph=True)(params, x)
+    torch._dynamo.reset()
+    assert_close(torch.compile(vg)(params, x), eager, F64_REL)
+
+
+def test_compiled_collectives_in_loss_with_a_nested_vmap_equal_eager():
+    """psum inside a vmap nested in the replica, pmean and pmax at the replica's level: the
+    compile-safe op passes through the inner level and reduces at the frame's."""
+    mesh = fdp.Mesh(4)
+    x = torch.randn(12, 3, dtype=f64)
+
+    def loss_fn(p, b):
+        rows = torch.func.vmap(lambda r: fdp.psum(r * p["w"], "dp"))(b)  # [rows, 3]
+        centred = b * p["w"] - fdp.pmean((b * p["w"]).mean(0), "dp")
+        top = fdp.pmax(p["w"] @ b.T, "dp")
+        return (rows.sum(1) ** 2).mean() + (centred ** 2).mean() + top.mean()
+
+    vg = fdp.value_and_grad(loss_fn, mesh)
+    params = {"w": torch.randn(3, dtype=f64)}
+    compiled = torch.compile(vg, fullgraph=True)(params, x)
+    assert_close(compiled, vg(params, x), F64_REL)

@@ -14,6 +14,7 @@ import torch
 
 from fdp import _check
 from fdp._check import is_int
+from fdp._collectives._compiled import compiled_all_reduce
 from fdp._collectives._rules import (
     AllGather,
     AllReduce,
@@ -23,6 +24,7 @@ from fdp._collectives._rules import (
     guard_forward_ad,
     tree_collective,
 )
+from fdp._compat import compiling
 from fdp.backends._frame import AxisFrame, lookup
 from fdp.backends._options import ReduceOp
 
@@ -61,7 +63,8 @@ def _all_reduce(tree: Any, axis_name: AxisName, op: ReduceOp, fn: str,
             tree = _all_reduce(tree, name, op, fn)
         return tree
     frame = lookup(names[0], fn)
-    guard_compile(fn)
+    if frame.depth is None:  # frames of the fused step have a compile-safe form
+        guard_compile(fn)
     guard_forward_ad(fn, frame.comm)
 
     def leaf_op(x: torch.Tensor) -> torch.Tensor:
@@ -78,6 +81,8 @@ def _all_reduce(tree: Any, axis_name: AxisName, op: ReduceOp, fn: str,
 def _reduce_leaf(x: torch.Tensor, frame: AxisFrame, op: ReduceOp) -> torch.Tensor:
     if frame.comm is not None:
         return comm_all_reduce(x.to(frame.index.device), frame.comm, op, frame.tape)
+    if frame.depth is not None and compiling():
+        return compiled_all_reduce(x, frame.index, op, frame.size, frame.depth, f"p{op}")
     return AllReduce.apply(x, frame.index, op, frame.size)
 
 

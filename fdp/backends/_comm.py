@@ -9,6 +9,7 @@ thread or process.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import NoReturn
 
 import torch
@@ -83,13 +84,15 @@ class Unreachable(Communicator):
     """The communicator of replicas that cannot reach the rest of their axis (separate vmapped
     groups, ranks without a common process group): every collective raises ``ValueError``
     with ``message`` at once, on every replica that calls it, instead of reducing over part of
-    the axis or waiting forever."""
+    the axis or waiting forever. ``message`` may be a function that builds it (formatting a
+    batch size that torch.compile traces symbolically would specialize the compiled code on
+    it)."""
 
-    def __init__(self, size: int, message: str) -> None:
+    def __init__(self, size: int, message: str | Callable[[], str]) -> None:
         self.size, self.message = size, message
 
     def _fail(self) -> NoReturn:
-        raise ValueError(self.message)
+        raise ValueError(self.message if isinstance(self.message, str) else self.message())
 
     def index(self) -> int:
         self._fail()

@@ -37,6 +37,10 @@ class AxisFrame:
             tensor) when fdp split the batch, so that per-row randomness follows the example.
         tape: collectives may build one autograd graph across the replicas' threads (see
             :attr:`fdp.backends.Backend.tape_collectives`).
+        depth: set (the number of active ``torch.func`` transforms, this axis's vmap
+            included) where the vmap backend's fused step binds the frame while torch.compile
+            traces it: reductions then use the compile-safe op of
+            ``fdp/_collectives/_compiled.py`` instead of failing over to eager.
     """
 
     name: str
@@ -46,6 +50,7 @@ class AxisFrame:
     mask: torch.Tensor | None = None
     offset: torch.Tensor | None = None
     tape: bool = False
+    depth: int | None = None
 
 
 class _ThreadFrames(threading.local):

@@ -10,7 +10,7 @@ from torch.func import grad_and_value, vmap
 
 from fdp import _check, _tree
 from fdp._buffers import reduce_buffers
-from fdp._compat import add_note, compiling, in_functorch_transform
+from fdp._compat import add_note, compiling, functorch_kinds, in_functorch_transform
 from fdp.backends._base import Backend, GradPlan, MapBody, Params, PyTree, Replica
 from fdp.backends._comm import Unreachable
 from fdp.backends._fallback import (
@@ -189,7 +189,7 @@ class VmapBackend(StackedPlacement):
             offsets = first + s * torch.arange(k, device=self.device)
             return [index, offsets, *bufs, *shard]
 
-        comm = None if len(groups) == 1 else Unreachable(plan.layout.active_count, (
+        comm = None if len(groups) == 1 else Unreachable(plan.layout.active_count, lambda: (
             f"collectives inside value_and_grad's loss_fn on the vmap backend need every "
             f"replica to hold the same number of rows, but the batch of {plan.layout.total} "
             f"splits into {plan.layout.sizes}; use a batch size divisible by the mesh size, "
@@ -203,7 +203,8 @@ class VmapBackend(StackedPlacement):
                 it = iter(tensors[len(buffer_keys):])
                 shard = [next(it) if d is not None else leaf
                          for leaf, d in zip(leaves, dims, strict=True)]
-                frame = AxisFrame(plan.axis_name, axis_size, index, comm=comm, offset=offset)
+                frame = AxisFrame(plan.axis_name, axis_size, index, comm=comm, offset=offset,
+                                  depth=len(functorch_kinds()) if compiling() else None)
                 with bind_axis(frame):
                     return fn(_tree.unflatten(shard, treedef), bufs)
             return run

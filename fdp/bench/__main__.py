@@ -4,7 +4,8 @@ Measures (each ratio from candidates timed interleaved in the same run):
   eager    fdp DP step (vmap, N=8) / plain module forward+backward, per workload, and the
            same step on Mesh(8, executor="replay") (traced once, replayed)
   sweep    fdp DP step for N = 2..32 / plain, and its spread (max/min over N)
-  compile  torch.compile'd fdp DP step (N=8) / plain eager (and compiled single-device, for scale)
+  compile  torch.compile'd fdp DP step (N=8) / plain eager (and compiled single-device, for scale);
+           then how many times each compiles over 10 batch sizes (64..224, even and uneven)
   memory   peak memory of the DP step / the functional single-device step (subprocesses,
            larger batches so that activations dominate)
   jax      compiled fdp DP step (N=8) / jitted JAX value_and_grad and / jitted JAX vmap+pmean
@@ -38,7 +39,16 @@ from typing import Any
 
 import torch
 
-from fdp.bench import _cuda, _distributed, _donate, _fallback, _memory, _models, _zero
+from fdp.bench import (
+    _cuda,
+    _distributed,
+    _donate,
+    _fallback,
+    _memory,
+    _models,
+    _recompile,
+    _zero,
+)
 from fdp.bench._timing import time_interleaved
 
 SECTIONS = ("eager", "sweep", "compile", "memory", "jax", "distributed", "threads",
@@ -89,6 +99,11 @@ def bench_compile(workloads: list[str], rounds: int, n: int, table: list) -> Non
         _row(table, "compile", f"{w.name}: compiled single-device func", res["single"],
              res["plain"])
         _row(table, "compile", f"{w.name}: compiled fdp DP N={n}", res["dp"], res["plain"])
+        sizes = _recompile.SIZES
+        for name, count in _recompile.compile_counts(w, n, sizes).items():
+            table.append({"measure": "compile", "ratio": None, "compiles": count,
+                          "name": f"{key}: {count} compiles/{len(sizes)} sizes, {name}",
+                          "batch_sizes": list(sizes)})
 
 
 def bench_memory(workloads: list[str], sizes: list[int], table: list) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from fdp import _check
 from fdp._collectives import psum
+from fdp._compat import compiling
 from fdp.backends._frame import AxisFrame, bound_frames, lookup
 
 __all__ = ["BatchNormResult", "sync_batch_norm"]
@@ -267,13 +268,14 @@ def _count_to_check(count: Any, x: torch.Tensor, spatial: int, mask: torch.Tenso
     """The total count the ``> 1`` check reads, without a device sync where possible.
 
     The summed count is exact (it also counts only replicas that actually ran), and reading it
-    on the CPU costs nothing. On an accelerator, when there is no mask and every replica holds
+    on the CPU costs nothing eagerly. On an accelerator, or under torch.compile (where reading
+    it would break the graph), when there is no mask and every replica holds
     x's shape (the vmap backend), the count the shapes imply is read instead: no sync.
     Threads/processes may hold different row counts, so there the summed count is read.
     """
     on_cpu = not isinstance(count, torch.Tensor) or count.device.type == "cpu"
     shapes_agree = mask is None and (frame is None or frame.comm is None)
-    if on_cpu or not shapes_agree:
+    if (on_cpu and not compiling()) or not shapes_agree:  # compiled: .item() would break
         return count
     return x.shape[0] * spatial * (frame.size if frame else 1)
 
