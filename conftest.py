@@ -47,3 +47,11 @@ def _fixed_seeds() -> None:
 @pytest.fixture(autouse=True)
 def _doctest_names(doctest_namespace: dict) -> None:
     doctest_namespace.update(fdp=fdp, torch=torch)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """torch.compile's caches emptied before and after the test (compile counts start at 0)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

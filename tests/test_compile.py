@@ -15,11 +15,7 @@ from tests.helpers import F32_REL, F64_REL, assert_close
 f64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # the fixture is in conftest.py
 
 
 def _compiled_or_clear_error(fn, *args, fullgraph):

@@ -19,11 +19,7 @@ from tests.helpers import F64_REL, assert_close
 f64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # the fixture is in conftest.py
 
 
 def _model():
@@ -59,6 +55,14 @@ def _compiled_over_sizes(fn, sizes, *args):
     return counter.frame_count, results
 
 
+def _assert_eager_and_single_device(results, sizes, loss_fn, params):
+    """Each size's compiled (loss, grads) equals the eager step's and single-device torch.func's."""
+    for (compiled, eager), b in zip(results, sizes, strict=True):
+        assert_close(compiled, eager, F64_REL)
+        grads, loss = torch.func.grad_and_value(loss_fn)(params, _batch(b, b))
+        assert_close(compiled, (loss, grads), F64_REL)
+
+
 @pytest.mark.parametrize(("split", "sizes"), [
     ("chunk", [8, 12, 20, 28, 36]),     # even on Mesh(4)
     ("chunk", [13, 17, 22, 27, 35]),    # uneven: sizes [m, m, m, rest]
@@ -72,10 +76,7 @@ def test_weighted_step_compiles_twice_for_many_batch_sizes(split, sizes, reducti
     vg = fdp.value_and_grad(loss_fn, fdp.Mesh(4), split=split, reduction=reduction)
     frames, results = _compiled_over_sizes(vg, sizes, model.params)
     assert frames <= 2, f"{frames} compiles for {len(sizes)} batch sizes"
-    for (compiled, eager), b in zip(results, sizes, strict=True):
-        assert_close(compiled, eager, F64_REL)
-        single = torch.func.grad_and_value(loss_fn)(model.params, _batch(b, b))
-        assert_close(compiled, (single[1], single[0]), F64_REL)
+    _assert_eager_and_single_device(results, sizes, loss_fn, model.params)
 
 
 def test_gather_strategy_with_cross_entropy_compiles_twice_for_many_batch_sizes():
@@ -87,10 +88,7 @@ def test_gather_strategy_with_cross_entropy_compiles_twice_for_many_batch_sizes(
     sizes = [13, 16, 22, 27, 40, 35]  # a static first compile, then one divisible, one not
     frames, results = _compiled_over_sizes(vg, sizes, model.params)
     assert frames <= 3, f"{frames} compiles for {len(sizes)} batch sizes"
-    for (compiled, eager), b in zip(results, sizes, strict=True):
-        assert_close(compiled, eager, F64_REL)
-        single = torch.func.grad_and_value(loss)(model.params, _batch(b, b))
-        assert_close(compiled, (single[1], single[0]), F64_REL)
+    _assert_eager_and_single_device(results, sizes, loss, model.params)
 
 
 def test_weighted_cross_entropy_compiles_per_replica_row_count():

@@ -28,17 +28,17 @@ def _graphs(mesh: fdp.Mesh) -> int:
     return mesh.backend.replay_graphs
 
 
-def _net(kind: str, seed: int) -> nn.Module:
+def _net(kind: str, seed: int, dtype: torch.dtype = torch.float64) -> nn.Module:
     torch.manual_seed(seed)
     if kind == "mlp":
-        return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+        return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).to(dtype)
     return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.Linear(2 * 2 * 2, 3)).double()
+                         nn.Flatten(), nn.Linear(2 * 2 * 2, 3)).to(dtype)
 
 
-def _batch(kind: str, rows: int) -> dict[str, torch.Tensor]:
+def _batch(kind: str, rows: int, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
     shape = (rows, 6) if kind == "mlp" else (rows, 1, 4, 4)
-    return {"x": torch.randn(*shape, dtype=torch.float64), "y": torch.randint(0, 3, (rows,))}
+    return {"x": torch.randn(*shape, dtype=dtype), "y": torch.randint(0, 3, (rows,))}
 
 
 def _loss(model: fdp.Model, has_aux: bool = False):
@@ -74,16 +74,18 @@ def _assert_equal(actual, expected) -> None:
 
 @given(kind=st.sampled_from(["mlp", "cnn"]), n=st.integers(1, 5), rows=st.integers(1, 12),
        split=st.sampled_from(["chunk", "even"]), strategy=st.sampled_from(["weighted", "gather"]),
-       has_aux=st.booleans(), seed=st.integers(0, 5))
+       has_aux=st.booleans(), seed=st.integers(0, 5),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
 @settings(max_examples=8)
-def test_replay_equals_the_eager_step_bitwise(kind, n, rows, split, strategy, has_aux, seed):
-    model = fdp.functionalize(_net(kind, seed))
+def test_replay_equals_the_eager_step_bitwise(kind, n, rows, split, strategy, has_aux, seed,
+                                              dtype):
+    model = fdp.functionalize(_net(kind, seed, dtype))
     loss = _split_loss(model, has_aux) if strategy == "gather" else _loss(model, has_aux)
     options = dict(has_aux=has_aux, split=split, strategy=strategy)
     replay = fdp.value_and_grad(loss, _mesh(n), **options)
     eager = fdp.value_and_grad(loss, _mesh(n, "auto"), **options)
     for step in range(2):  # the first call traces, then both replay
-        batch = _batch(kind, rows)
+        batch = _batch(kind, rows, dtype)
         params = {k: v + step for k, v in model.params.items()}
         _assert_equal(replay(params, batch), eager(params, batch))
 
