@@ -18,7 +18,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from fdp import _tree
+from fdp import _check, _tree
 from fdp._compat import compiling, pytree
 
 __all__ = ["Donate", "check_donate", "check_not_donated", "hand_over", "is_donated"]
@@ -49,10 +49,8 @@ def check_donate(donate: Any, fn: str) -> Donate:
     if not isinstance(donate, str):
         raise TypeError(f"{fn}: donate must be one of {list(get_args(Donate))}, got "
                         f"{type(donate).__name__}")
-    if donate not in get_args(Donate):
-        raise ValueError(f"{fn}: donate must be one of {list(get_args(Donate))}, got "
-                         f"{donate!r}; e.g. donate='auto' (the default)")
-    return donate  # type: ignore[return-value]
+    return _check.choice(donate, get_args(Donate), fn, "donate",
+                         "; e.g. donate='auto' (the default)")
 
 
 def is_donated(x: Any) -> bool:
