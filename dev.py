@@ -48,8 +48,8 @@ TORCH_STAMP_NAME = ".fdp-dev-torch"  # the torch spec and index torch was instal
 
 # The fast subset: everything except the heavier sweeps (marked slow), the multi-process
 # distributed tests (a pool of 4 gloo ranks), the JAX interop tests and the torch.compile tests
-# (compilation dominates their time). About 2½ minutes on a 2-core machine, against about nine
-# for the whole suite; `dev.py test` (no --fast) runs everything, as CI does.
+# (compilation dominates their time). About 2½ to 4 minutes on a 2-core machine, against 9 to 13 for
+# the whole suite; `dev.py test` (no --fast) runs everything, as CI does.
 FAST = ["-m", "not slow", "--ignore=tests/distributed", "--ignore=tests/interop",
         "-k", "not compile"]
 
