@@ -101,6 +101,7 @@ class Mesh:
         timeout: float = 300.0,
         bucket_mb: float = 25.0,
         overlap: bool | None = None,
+        shared_memory: bool | None = None,
     ) -> Mesh:
         """One replica per process of an initialized ``torch.distributed`` process group.
 
@@ -122,10 +123,16 @@ class Mesh:
             overlap: start each bucket's all-reduce as soon as backward has produced its
                 gradients, instead of all buckets after backward. Default: on CUDA devices
                 only (on CPU, gloo needs the cores backward uses: measured slower).
+            shared_memory: on the CPU, sum the gradient buckets through shared memory
+                (``/dev/shm``) instead of gloo's sockets when every rank runs on this host
+                (decided on the first step, by every rank together; twice the gradients' bytes
+                per rank). ``None`` (default): where possible, else gloo; ``True``: raise
+                where not possible; ``False``: always gloo.
         """
         _check_axis_name(axis_name, "Mesh.distributed")
         backend = DistributedBackend.create(group, device=device, timeout=timeout,
-                                            bucket_mb=bucket_mb, overlap=overlap)
+                                            bucket_mb=bucket_mb, overlap=overlap,
+                                            shared_memory=shared_memory)
         return cls.from_backend(backend, axis_name)
 
     @property

@@ -8,10 +8,15 @@ User-facing collectives first compare a fingerprint of ``(operation, dtype, shap
 ranks (one all-gather of a single int64 per rank), so that ranks that pass different shapes, or
 that call different collectives, get a ``ValueError`` naming every rank's tensor instead of
 garbage. Gradient buckets skip that check: ``value_and_grad`` checks the params once per call.
+
+Buckets (:meth:`DistComm.reduce_buckets`, ``value_and_grad``'s gradients) are summed through
+shared memory instead of gloo's sockets when every rank is on this host and the mesh is on
+the CPU (:mod:`fdp.backends._host_arena`); everything else goes through the process group.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import zlib
 from collections.abc import Sequence
@@ -20,8 +25,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fdp.backends import _dist_exit
+from fdp.backends import _dist_exit, _host_arena
 from fdp.backends._comm import Communicator
+from fdp.backends._host_arena import HostArena
 from fdp.backends._options import ReduceOp
 
 _OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
@@ -29,6 +35,16 @@ _OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceO
 FIRST_BUCKET_BYTES = 1 << 20  # as DDP: a small first bucket starts communication early
 
 _gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@dataclasses.dataclass
+class Launched:
+    """A bucket's reduction in flight: gloo's ``work`` on ``flat``, or, through shared memory,
+    the barrier's ``work`` and every rank's ``regions`` (see ``_host_arena``)."""
+
+    work: Any
+    flat: torch.Tensor | None = None
+    regions: list[torch.Tensor] | None = None
 
 
 class PeerFailure(RuntimeError):
@@ -47,10 +63,12 @@ class DistComm(Communicator):
         device: where this process's tensors live (``cpu`` for gloo, ``cuda:k`` for NCCL).
         timeout: seconds any one operation may wait for the other ranks.
         bucket_bytes: the size of the flat buffers that :meth:`all_reduce_many` coalesces into.
+        shared_memory: sum buckets through shared memory where every rank is on this host
+            (``None``: where possible; ``True``: raise where not; ``False``: never).
     """
 
     def __init__(self, group: Any, device: torch.device, timeout: float,
-                 bucket_bytes: int) -> None:
+                 bucket_bytes: int, shared_memory: bool | None = None) -> None:
         self.group = group
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -61,6 +79,12 @@ class DistComm(Communicator):
         # group's timeout) bounds NCCL ops instead. gloo honours the per-wait timeout.
         self._timed = "nccl" not in str(dist.get_backend(group)).lower() or device.type != "cuda"
         self._delta = datetime.timedelta(seconds=timeout)
+        self.shared_memory = shared_memory
+        # "untried" until the first bucket decides, collectively; then "on" or "off"
+        self._sharing = "off" if shared_memory is False or self.size == 1 \
+            or not _host_arena.can_share(device) else "untried"
+        self._arena: HostArena | None = None
+        self._flag = torch.zeros(1, dtype=torch.int64, device=device)
 
     def index(self) -> int:
         return self.rank
@@ -151,26 +175,59 @@ class DistComm(Communicator):
     def reduce_buckets(self, xs: Sequence[torch.Tensor], op: ReduceOp,
                        buckets: list[list[int]], fn: str) -> list[torch.Tensor]:
         """Unchecked: every bucket's all-reduce starts at once, then all are awaited."""
+        self.prepare(bucket_sizes(xs, buckets), fn)
         launched = [self.launch(xs, idx, op) for idx in buckets]
         out: list[torch.Tensor | None] = [None] * len(xs)
-        for idx, (work, flat) in zip(buckets, launched, strict=True):
-            for i, part in zip(idx, self.finish(work, flat, op, fn, [xs[i] for i in idx]),
+        for idx, started in zip(buckets, launched, strict=True):
+            for i, part in zip(idx, self.finish(started, op, fn, [xs[i] for i in idx]),
                                strict=True):
                 out[i] = part
         return out  # type: ignore[return-value]
 
-    def launch(self, xs: Sequence[torch.Tensor], idx: list[int],
-               op: ReduceOp) -> tuple[Any, torch.Tensor]:
-        """Starts the all-reduce of ``xs[idx]`` flattened into one new buffer."""
-        flat = torch.cat([xs[i].detach().reshape(-1).to(self.device) for i in idx])
-        return dist.all_reduce(flat, _OPS[op], group=self.group, async_op=True), flat
+    def prepare(self, sizes: list[tuple[torch.dtype, int]], fn: str) -> None:
+        """Before the buckets of one call, ``(dtype, numel)`` each: every rank calls it with
+        the same sizes (the callers check that first). Maps shared memory on the first call
+        and when a call needs more of it, collectively."""
+        if self._sharing == "off":
+            return
+        need = _host_arena.call_bytes(sizes)
+        if self._arena is None or need > self._arena.capacity:
+            self._arena = _host_arena.open_arena(
+                self.rank, self.size, max(need, 1 << 16),
+                lambda flag, op: self._all_reduce(flag, op, fn))
+            self._sharing = "on" if self._arena is not None else "off"
+            if self._arena is None and self.shared_memory:
+                raise RuntimeError(
+                    f"{fn}: Mesh.distributed(shared_memory=True), but the ranks cannot share "
+                    f"memory: a rank runs on another host, or {_host_arena.SHM_DIR} is missing "
+                    f"or lacks {2 * need} bytes per rank. Pass shared_memory=None (use it "
+                    f"where possible) or False")
+        if self._arena is not None:
+            self._arena.begin()
 
-    def finish(self, work: Any, flat: torch.Tensor, op: ReduceOp, fn: str,
+    def launch(self, xs: Sequence[torch.Tensor], idx: list[int], op: ReduceOp) -> Launched:
+        """Starts reducing ``xs[idx]``, flattened into one buffer (after :meth:`prepare`)."""
+        parts = [xs[i].detach().reshape(-1).to(self.device) for i in idx]
+        if self._arena is not None:
+            regions = self._arena.take(parts[0].dtype, sum(p.numel() for p in parts))
+            torch.cat(parts, out=regions[self.rank])
+            flag = self._flag.clone()  # the barrier: every rank has written its region
+            return Launched(dist.all_reduce(flag, group=self.group, async_op=True),
+                            regions=regions)
+        flat = torch.cat(parts)
+        return Launched(dist.all_reduce(flat, _OPS[op], group=self.group, async_op=True), flat)
+
+    def finish(self, started: Launched, op: ReduceOp, fn: str,
                like: list[torch.Tensor]) -> list[torch.Tensor]:
         """Waits for a launched bucket and splits it into views shaped like ``like``."""
-        self.wait(work, fn)
-        if op == "mean":
-            flat /= self.size
+        self.wait(started.work, fn)
+        if started.regions is not None:
+            flat = HostArena.reduce(started.regions, op)
+        else:
+            assert started.flat is not None
+            flat = started.flat
+            if op == "mean":
+                flat /= self.size
         parts = flat.split([x.numel() for x in like])
         return [p.view(x.shape) for p, x in zip(parts, like, strict=True)]
 
@@ -219,6 +276,12 @@ def mismatch_message(fn: str, seen: list[list[str]]) -> str:
 
 def _kind(x: torch.Tensor) -> str:
     return f"{str(x.dtype).removeprefix('torch.')}{list(x.shape)}".replace(" ", "")
+
+
+def bucket_sizes(xs: Sequence[torch.Tensor],
+                 buckets: list[list[int]]) -> list[tuple[torch.dtype, int]]:
+    """``(dtype, numel)`` of each bucket of ``xs``."""
+    return [(xs[idx[0]].dtype, sum(xs[i].numel() for i in idx)) for idx in buckets]
 
 
 def plan_buckets(xs: Sequence[torch.Tensor], bucket_bytes: int,

@@ -36,10 +36,13 @@ from fdp.backends._dist_agree import Agreement, BucketLayout, layout_of
 from fdp.backends._dist_comm import (
     FIRST_BUCKET_BYTES,
     DistComm,
+    Launched,
     PeerFailure,
     PeerTimeout,
+    bucket_sizes,
     plan_buckets,
 )
+from fdp.backends._host_arena import can_share
 from fdp.backends._options import ReduceOp
 from fdp.backends._spmd import SpmdBackend
 
@@ -56,9 +59,9 @@ class DistributedBackend(SpmdBackend):
     ragged = True
 
     def __init__(self, group: Any, device: torch.device, timeout: float, bucket_bytes: int,
-                 overlap: bool) -> None:
+                 overlap: bool, shared_memory: bool | None = None) -> None:
         self.group = group
-        self._comm = DistComm(group, device, timeout, bucket_bytes)
+        self._comm = DistComm(group, device, timeout, bucket_bytes, shared_memory)
         self.size = self._comm.size
         self.rank = self._comm.rank
         self.device = device
@@ -78,7 +81,8 @@ class DistributedBackend(SpmdBackend):
 
     @classmethod
     def create(cls, group: Any = None, *, device: Any = None, timeout: float = 300.0,
-               bucket_mb: float = 25.0, overlap: bool | None = None) -> DistributedBackend:
+               bucket_mb: float = 25.0, overlap: bool | None = None,
+               shared_memory: bool | None = None) -> DistributedBackend:
         """Validates the arguments of :meth:`fdp.Mesh.distributed` and builds the backend."""
         fn = "Mesh.distributed"
         if not (dist.is_available() and dist.is_initialized()):
@@ -96,15 +100,21 @@ class DistributedBackend(SpmdBackend):
                              f"member of the given group; build the mesh only on its members")
         timeout = _check.positive_number(timeout, fn, "timeout")
         bucket_mb = _check.positive_number(bucket_mb, fn, "bucket_mb")
-        if overlap is not None and not isinstance(overlap, bool):
-            raise TypeError(f"{fn}: overlap must be a bool or None (automatic), got "
-                            f"{type(overlap).__name__}")
+        for name, value in (("overlap", overlap), ("shared_memory", shared_memory)):
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"{fn}: {name} must be a bool or None (automatic), got "
+                                f"{type(value).__name__}")
         dev = _default_device(group) if device is None else _check.device(device, fn, "device")
+        if shared_memory and not can_share(dev):
+            raise ValueError(f"{fn}: shared_memory=True needs CPU tensors on a POSIX system "
+                             f"(the mesh's device is {dev}); on GPUs NCCL moves the buckets. "
+                             f"Pass shared_memory=None or False")
         # Measured (docs/performance.md): on CPU, gloo's transfers need the cores that backward
         # uses, and one bucket after backward is faster; on GPUs communication runs beside it.
         overlap = dev.type == "cuda" if overlap is None else overlap
         _dist_exit.install()  # a clean, prompt exit, also after a failed collective
-        return cls(group, dev, float(timeout), max(1, int(bucket_mb * 2**20)), overlap)
+        return cls(group, dev, float(timeout), max(1, int(bucket_mb * 2**20)), overlap,
+                   shared_memory)
 
     # --- placement ----------------------------------------------------------------------------
 
@@ -137,7 +147,8 @@ class DistributedBackend(SpmdBackend):
                     _SUBGROUPS[key] = dist.new_group(ranks=list(replicas))
                 group = _SUBGROUPS[key]
                 self._subcomms[replicas] = (
-                    DistComm(group, self.device, self.timeout, self.bucket_bytes)
+                    DistComm(group, self.device, self.timeout, self.bucket_bytes,
+                             self._comm.shared_memory)
                     if self.rank in replicas else None)
         return self._subcomms[replicas]
 
@@ -290,7 +301,7 @@ class _Reducer:
         if self.fp_at is not None:
             self.values[self.fp_at] = fp
             self.missing[self.owner[self.fp_at]] -= 1
-        self.launched: list[tuple[Any, torch.Tensor]] = []
+        self.launched: list[Launched] = []
 
     @classmethod
     def _plan(cls, like: list[torch.Tensor], bucket_bytes: int,
@@ -318,8 +329,10 @@ class _Reducer:
 
     def _launch_ready(self) -> None:
         while len(self.launched) < len(self.buckets) and self.missing[len(self.launched)] == 0:
-            if self.agreement is not None:  # every rank's buckets match (once per call)
-                self.agreement.settle(self.layout)
+            if not self.launched:  # once per call: first every rank's buckets must match
+                if self.agreement is not None:
+                    self.agreement.settle(self.layout)
+                self.comm.prepare(bucket_sizes(self.like, self.buckets), "value_and_grad")
             idx = self.buckets[len(self.launched)]
             values = [self._value(i) for i in idx]
             self.launched.append(self.comm.launch(values, list(range(len(idx))), "sum"))
@@ -339,8 +352,8 @@ class _Reducer:
             self.missing[b] = 0
         self._launch_ready()
         out: list[torch.Tensor | None] = [None] * len(self.like)
-        for idx, (work, flat) in zip(self.buckets, self.launched, strict=True):
-            parts = self.comm.finish(work, flat, "sum", "value_and_grad",
+        for idx, started in zip(self.buckets, self.launched, strict=True):
+            parts = self.comm.finish(started, "sum", "value_and_grad",
                                      [self.like[i] for i in idx])
             for i, part in zip(idx, parts, strict=True):
                 out[i] = part

@@ -174,8 +174,9 @@ def mesh_here(**kwargs: Any) -> fdp.Mesh:
 
 
 def dist_train(spec: Spec, params: dict, batches: list[dict], bucket_mb: float,
-               overlap: bool) -> dict:
-    return train_on(mesh_here(bucket_mb=bucket_mb, overlap=overlap), spec, params, batches)
+               overlap: bool, shared_memory: bool | None = None) -> dict:
+    mesh = mesh_here(bucket_mb=bucket_mb, overlap=overlap, shared_memory=shared_memory)
+    return train_on(mesh, spec, params, batches)
 
 
 def dist_collectives(x: torch.Tensor, rows: torch.Tensor, axis: int) -> dict:

@@ -40,7 +40,8 @@ def training_cases(draw: st.DrawFn) -> tuple:
                 "y": torch.randint(0, spec.out, (rows,), generator=gen)}
                for _ in range(steps)]
     bucket_mb = draw(st.sampled_from([25.0, 1e-4]))  # 1e-4 MB: a bucket per tensor or two
-    return n, spec, params, batches, bucket_mb, draw(st.booleans())
+    # overlap, and whether buckets are summed through shared memory or gloo's sockets
+    return n, spec, params, batches, bucket_mb, draw(st.booleans()), draw(st.booleans())
 
 
 def _assert_same_on_every_rank(results: list) -> None:
@@ -55,11 +56,12 @@ def _equal(path: str, a: torch.Tensor, b: torch.Tensor, rank: int) -> None:
 
 @given(training_cases())
 def test_training_equals_single_device_on_every_backend(pool, case):
-    n, spec, params, batches, bucket_mb, overlap = case
+    n, spec, params, batches, bucket_mb, overlap, shared = case
     single = jobs.train_single(spec, params, batches)
     vmapped = jobs.train_on(fdp.Mesh(n), spec, params, batches)
     threads = jobs.train_on(fdp.Mesh(devices=["cpu"] * n), spec, params, batches)
-    ranks = pool.run(jobs.dist_train, n, args=(spec, params, batches, bucket_mb, overlap))
+    ranks = pool.run(jobs.dist_train, n,
+                     args=(spec, params, batches, bucket_mb, overlap, shared))
     _assert_same_on_every_rank(ranks)  # bitwise: the replicas never drift apart
     assert_close(vmapped, single, F64_REL)
     assert_close(threads, single, F64_REL)

@@ -191,7 +191,7 @@ def test_ranks_that_change_params_alike_keep_running():
     assert results[0] == results[1] and len(results[0]) == 5
 
 
-def _collectives_per_call() -> list[dict[str, int]]:
+def _collectives_per_call(shared_memory: bool) -> list[dict[str, int]]:
     """How many collectives each of 4 value_and_grad calls starts, by kind."""
     from fdp.backends import _dist_comm
 
@@ -206,7 +206,8 @@ def _collectives_per_call() -> list[dict[str, int]]:
     _dist_comm._gather_single = counted("all_gather", _dist_comm._gather_single)
     dist.all_reduce = counted("all_reduce", dist.all_reduce)
     spec = jobs.Spec()
-    vg = fdp.value_and_grad(jobs.loss_fn(spec), fdp.Mesh.distributed(timeout=MESH_TIMEOUT))
+    mesh = fdp.Mesh.distributed(timeout=MESH_TIMEOUT, shared_memory=shared_memory)
+    vg = fdp.value_and_grad(jobs.loss_fn(spec), mesh)
     params = {k: v.detach() for k, v in jobs.module(spec).named_parameters()}
     per_call = []
     for rows in (6, 6, 7, 6):  # a batch of another size: the same buckets, no check of its own
@@ -218,10 +219,16 @@ def _collectives_per_call() -> list[dict[str, int]]:
     return per_call
 
 
-def test_value_and_grad_starts_no_collective_of_its_own_in_steady_state():
-    per_call = fdp.launch.run(_collectives_per_call, 2, timeout=RUN_TIMEOUT)[0]
-    assert per_call[0] == {"all_gather": 1, "all_reduce": 1}, per_call  # the first call checks
-    assert per_call[1:] == [{"all_reduce": 1}] * 3, per_call  # then only the gradients' bucket
+@pytest.mark.parametrize("shared_memory", [False, True])
+def test_value_and_grad_starts_no_collective_of_its_own_in_steady_state(shared_memory):
+    per_call = fdp.launch.run(_collectives_per_call, 2, args=(shared_memory,),
+                              timeout=RUN_TIMEOUT)[0]
+    # the first call checks; through shared memory, it also maps the segments: a token, then
+    # "every rank created its file", "every rank mapped every file"
+    setup = 3 if shared_memory else 0
+    assert per_call[0] == {"all_gather": 1, "all_reduce": 1 + setup}, per_call
+    # then only the gradients' bucket (through shared memory: its barrier)
+    assert per_call[1:] == [{"all_reduce": 1}] * 3, per_call
 
 
 def test_mesh_distributed_needs_an_initialized_process_group():
@@ -232,7 +239,8 @@ def test_mesh_distributed_needs_an_initialized_process_group():
 
 def _bad_arguments() -> list[str]:
     messages = []
-    for kwargs in ({"timeout": 0}, {"bucket_mb": -1}, {"overlap": 1}, {"axis_name": ""},
+    for kwargs in ({"timeout": 0}, {"bucket_mb": -1}, {"overlap": 1}, {"shared_memory": 1},
+                   {"shared_memory": True, "device": "meta"}, {"axis_name": ""},
                    {"group": "world"}):
         try:
             fdp.Mesh.distributed(**kwargs)
@@ -249,11 +257,12 @@ def _bad_arguments() -> list[str]:
 
 def test_bad_arguments_are_named():
     messages = fdp.launch.run(_bad_arguments, 2, timeout=RUN_TIMEOUT)
-    assert len(messages[0]) == 5 and len(messages[1]) == 6
-    for want, got in zip(["timeout", "bucket_mb", "overlap", "axis_name", "group"], messages[1],
+    assert len(messages[0]) == 7 and len(messages[1]) == 8
+    for want, got in zip(["timeout", "bucket_mb", "overlap", "shared_memory",
+                          "shared_memory=True needs CPU", "axis_name", "group"], messages[1],
                          strict=False):
         assert got.startswith("Mesh.distributed: " + want), got
-    assert "not a member of the given group" in messages[1][5]
+    assert "not a member of the given group" in messages[1][7]
 
 
 # --- under torchrun: a fault ends the job -------------------------------------------------------

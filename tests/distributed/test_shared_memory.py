@@ -1,0 +1,156 @@
+"""Gradient buckets through shared memory (``fdp.backends._host_arena``): the same numbers as
+gloo's all-reduce (bitwise on two ranks), the same bits on every rank, growth when a larger
+model comes, a collective fallback to gloo where a rank cannot share, and no files left."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import fdp
+import fdp.launch
+from fdp.backends import _host_arena
+from fdp.backends._host_arena import HostArena, aligned
+from tests.distributed import jobs
+
+RUN_TIMEOUT = 60.0
+
+
+def _sharing(mesh: fdp.Mesh) -> str:
+    return mesh._backend.comm()._sharing  # type: ignore[attr-defined]
+
+
+def _train_both(specs: list[jobs.Spec], rows: int) -> dict:
+    """value_and_grad and 3 SGD steps per spec, with and without shared memory, the specs one
+    after the other on the same two meshes (a larger model grows the segments)."""
+    meshes = {m: jobs.mesh_here(shared_memory=m) for m in (True, False)}
+    out: dict = {}
+    for i, spec in enumerate(specs):
+        torch.manual_seed(i)
+        params = {k: v.detach() for k, v in jobs.module(spec).named_parameters()}
+        gen = torch.Generator().manual_seed(i)
+        batches = [{"x": torch.randn(rows + j, spec.d, generator=gen, dtype=torch.float64),
+                    "t": torch.randn(rows + j, spec.out, generator=gen, dtype=torch.float64)}
+                   for j in range(3)]  # uneven splits too
+        for shared, mesh in meshes.items():
+            out[(i, shared)] = jobs.train_on(mesh, spec, params, batches)
+    out["sharing"] = {m: _sharing(mesh) for m, mesh in meshes.items()}
+    return out
+
+
+SPECS = [jobs.Spec(d=3, widths=(5,)), jobs.Spec(d=40, widths=(300, 200), out=7),
+         jobs.Spec(d=3, widths=(5,), strategy="gather")]
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_shared_memory_sums_like_gloo_and_the_same_on_every_rank(pool, n):
+    ranks = pool.run(_train_both, n, args=(SPECS, 7))
+    for got in ranks:
+        assert got["sharing"] == {True: "on", False: "off"}
+        for i in range(len(SPECS)):
+            shm, gloo = got[(i, True)], got[(i, False)]
+            if n == 2:  # x0 + x1 is x1 + x0: gloo's ring gives the same bits
+                fdp.tree.map_with_path(lambda p, a, b: _bitwise(p, a, b), shm, gloo)
+            else:  # another order of the sum: rounding apart
+                fdp.tree.map_with_path(
+                    lambda p, a, b: torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14),
+                    shm, gloo)
+    for got in ranks[1:]:  # every rank sums in rank order: the same bits everywhere
+        for i in range(len(SPECS)):
+            fdp.tree.map_with_path(lambda p, a, b: _bitwise(p, a, b), got[(i, True)],
+                                   ranks[0][(i, True)])
+
+
+def _bitwise(path: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    assert torch.equal(a, b), path
+
+
+def _private_shm_dir(blind_rank: int | None, shared_memory: bool | None) -> dict:
+    """Trains with the segments' files in a fresh directory; ``blind_rank`` looks elsewhere
+    (as a rank on another host would). Returns what it saw, and what is left in the dir."""
+    rank = dist.get_rank()
+    shared = [tempfile.mkdtemp(prefix="fdp-test-", dir=_host_arena.SHM_DIR) if rank == 0
+              else None]
+    dist.broadcast_object_list(shared, 0)
+    here = shared[0]
+    _host_arena.SHM_DIR = here if rank != blind_rank else os.path.join(here, "elsewhere")
+    spec = jobs.Spec()
+    params = {k: v.detach() for k, v in jobs.module(spec).named_parameters()}
+    batch = {"x": torch.randn(6, 3, dtype=torch.float64),
+             "t": torch.randn(6, 2, dtype=torch.float64)}
+    mesh = fdp.Mesh.distributed(timeout=30, shared_memory=shared_memory)
+    try:
+        got = jobs.train_on(mesh, spec, params, [batch])
+        error = None
+    except RuntimeError as e:
+        got, error = None, str(e)
+    gloo = jobs.train_on(fdp.Mesh.distributed(timeout=30, shared_memory=False), spec, params,
+                         [batch])
+    dist.barrier()
+    left = os.listdir(here)
+    dist.barrier()
+    if rank == 0 and not left:
+        os.rmdir(here)
+    return {"got": got, "gloo": gloo, "error": error, "left": left, "sharing": _sharing(mesh)}
+
+
+def test_segments_leave_no_files():
+    for res in fdp.launch.run(_private_shm_dir, 2, args=(None, None), timeout=RUN_TIMEOUT):
+        assert res["sharing"] == "on" and res["left"] == []
+        fdp.tree.map_with_path(lambda p, a, b: _bitwise(p, a, b), res["got"], res["gloo"])
+
+
+def test_a_rank_that_cannot_share_makes_every_rank_use_gloo():
+    for res in fdp.launch.run(_private_shm_dir, 2, args=(1, None), timeout=RUN_TIMEOUT):
+        assert res["sharing"] == "off" and res["left"] == []
+        fdp.tree.map_with_path(lambda p, a, b: _bitwise(p, a, b), res["got"], res["gloo"])
+
+
+def test_shared_memory_true_raises_on_every_rank_where_it_cannot_share():
+    for res in fdp.launch.run(_private_shm_dir, 2, args=(0, True), timeout=RUN_TIMEOUT):
+        assert res["error"] is not None and "shared_memory=True" in res["error"], res
+        assert "another host" in res["error"] and res["left"] == []
+
+
+# --- the arena on its own (one process) --------------------------------------------------------
+
+
+def _arena(ranks: int, capacity: int) -> HostArena:
+    return HostArena(0, [torch.zeros(2 * capacity, dtype=torch.uint8) for _ in range(ranks)],
+                     capacity)
+
+
+def test_calls_alternate_halves_and_buckets_take_aligned_regions():
+    arena = _arena(2, 1024)
+    starts = []
+    for _ in range(3):
+        arena.begin()
+        a = arena.take(torch.float32, 3)
+        b = arena.take(torch.float64, 5)
+        base = arena.segments[0].data_ptr()
+        starts.append((a[0].data_ptr() - base, b[0].data_ptr() - base))
+        assert a[0].numel() == 3 and b[0].dtype == torch.float64
+    assert starts == [(0, aligned(12)), (1024, 1024 + aligned(12)), (0, aligned(12))]
+
+
+def test_a_call_beyond_the_capacity_raises():
+    arena = _arena(2, 128)
+    arena.begin()
+    arena.take(torch.float32, 16)
+    with pytest.raises(RuntimeError, match="outgrew"):
+        arena.take(torch.float32, 32)
+
+
+@pytest.mark.parametrize("op", ["sum", "mean", "max", "min"])
+def test_reduce_is_the_op_in_rank_order(op):
+    xs = [torch.randn(7, dtype=torch.float64) for _ in range(3)]
+    stacked = torch.stack(xs)
+    want = {"sum": (xs[0] + xs[1]) + xs[2], "mean": ((xs[0] + xs[1]) + xs[2]) / 3,
+            "max": stacked.amax(0), "min": stacked.amin(0)}[op]
+    got = HostArena.reduce(xs, op)
+    assert torch.equal(got, want)
+    assert all(got.data_ptr() != x.data_ptr() for x in xs)  # a new tensor, inputs untouched
