@@ -29,6 +29,7 @@ from fdp.backends import _dist_exit, _host_arena
 from fdp.backends._comm import Communicator
 from fdp.backends._host_arena import HostArena
 from fdp.backends._options import ReduceOp
+from fdp.backends._recycled import Recycled
 
 _OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
         "min": dist.ReduceOp.MIN}
@@ -85,6 +86,7 @@ class DistComm(Communicator):
             or not _host_arena.can_share(device) else "untried"
         self._arena: HostArena | None = None
         self._flag = torch.zeros(1, dtype=torch.int64, device=device)
+        self._recycled = Recycled()  # the buckets' flat buffers, reused once dead
 
     def index(self) -> int:
         return self.rank
@@ -214,7 +216,9 @@ class DistComm(Communicator):
             flag = self._flag.clone()  # the barrier: every rank has written its region
             return Launched(dist.all_reduce(flag, group=self.group, async_op=True),
                             regions=regions)
-        flat = torch.cat(parts)
+        flat = torch.cat(parts, out=self._recycled.empty(parts[0].dtype,
+                                                         sum(p.numel() for p in parts),
+                                                         self.device))
         return Launched(dist.all_reduce(flat, _OPS[op], group=self.group, async_op=True), flat)
 
     def finish(self, started: Launched, op: ReduceOp, fn: str,
@@ -222,7 +226,9 @@ class DistComm(Communicator):
         """Waits for a launched bucket and splits it into views shaped like ``like``."""
         self.wait(started.work, fn)
         if started.regions is not None:
-            flat = HostArena.reduce(started.regions, op)
+            first = started.regions[0]
+            flat = HostArena.reduce(started.regions, op, self._recycled.empty(
+                first.dtype, first.numel(), self.device))
         else:
             assert started.flat is not None
             flat = started.flat

@@ -83,10 +83,11 @@ class HostArena:
         return [s[start:start + nbytes].view(dtype) for s in self.segments]
 
     @staticmethod
-    def reduce(regions: list[torch.Tensor], op: ReduceOp) -> torch.Tensor:
-        """``op`` over every rank's region, in rank order, into a new tensor."""
+    def reduce(regions: list[torch.Tensor], op: ReduceOp,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """``op`` over every rank's region, in rank order, into ``out`` (or a new tensor)."""
         fn = _REDUCE[op]
-        out = fn(regions[0], regions[1])
+        out = fn(regions[0], regions[1], out=out)
         for r in regions[2:]:
             fn(out, r, out=out)
         if op == "mean":

@@ -5,10 +5,11 @@
 barrier, in a shuffled order that is the same on every rank:
 
 * ``fdp``: ``fdp.data_parallel_step`` (SGD, the default ``donate="auto"``: the update writes
-  into recycled buffers) on ``fdp.Mesh.distributed()`` (on CPU, one all-reduce after
-  backward), ``fdp donate=none`` (fresh tensors every step), ``fdp donate=state`` (in place
-  into the donated state) and ``fdp overlap`` (``overlap=True``: buckets launched during
-  backward, the first one at most 1 MB, as DDP);
+  into recycled buffers) on ``fdp.Mesh.distributed()`` (on CPU, the buckets summed after
+  backward, through shared memory: the ranks share this host), ``fdp donate=none`` (fresh
+  tensors every step), ``fdp donate=state`` (in place into the donated state), ``fdp overlap``
+  (``overlap=True``: buckets launched during backward, the first one at most 1 MB, as DDP) and
+  ``fdp gloo`` (``shared_memory=False``: the buckets through gloo's sockets, as DDP's);
 * ``DDP``: ``torch.nn.parallel.DistributedDataParallel`` on the same model and rows, with
   ``torch.optim.SGD`` (``zero_grad``, forward, loss, backward, step);
 * gradients only: ``fdp value_and_grad`` against ``DDP fwd+bwd`` (no optimizer), which
@@ -49,12 +50,13 @@ def _candidates(rows: int) -> dict[str, Callable[[], Any]]:
     mine = {k: v[rank * rows:(rank + 1) * rows] for k, v in w.batch.items()}
     loss_fn, params = w.loss_fn(), w.params()
     fns: dict[str, Callable[[], Any]] = {}
-    runs: tuple[tuple[str, bool | None, Donate], ...] = (
-        ("fdp", None, "auto"), ("fdp overlap", True, "auto"), ("fdp donate=none", None, "none"),
-        ("fdp donate=state", None, "state"))
-    for name, overlap, donate in runs:
-        step = fdp.data_parallel_step(loss_fn, fdp.optim.sgd(0.01),
-                                      fdp.Mesh.distributed(overlap=overlap), donate=donate)
+    runs: tuple[tuple[str, bool | None, Donate, bool | None], ...] = (
+        ("fdp", None, "auto", None), ("fdp overlap", True, "auto", None),
+        ("fdp donate=none", None, "none", None), ("fdp donate=state", None, "state", None),
+        ("fdp gloo", None, "auto", False))
+    for name, overlap, donate, shared in runs:
+        mesh = fdp.Mesh.distributed(overlap=overlap, shared_memory=shared)
+        step = fdp.data_parallel_step(loss_fn, fdp.optim.sgd(0.01), mesh, donate=donate)
         fns[name] = _stepper(step, fdp.TrainState.create(params, fdp.optim.sgd(0.01)),
                              w.batch)
     module = nn.parallel.DistributedDataParallel(w.module)
@@ -70,8 +72,10 @@ def _candidates(rows: int) -> dict[str, Callable[[], Any]]:
         nn.functional.cross_entropy(module(mine["x"]), mine["y"]).backward()
 
     vg = fdp.value_and_grad(loss_fn, fdp.Mesh.distributed())
+    vg_gloo = fdp.value_and_grad(loss_fn, fdp.Mesh.distributed(shared_memory=False))
     fns["DDP"], fns["DDP fwd+bwd"] = ddp, ddp_grads
     fns["fdp value_and_grad"] = lambda: vg(params, w.batch)
+    fns["fdp value_and_grad gloo"] = lambda: vg_gloo(params, w.batch)
     return fns
 
 
@@ -119,8 +123,9 @@ def bench_distributed(rounds: int, runs: int, table: list) -> None:
         table.append({"measure": "distributed", "name": f"{label}: DDP", **base,
                       "ratio": None})
         for name, ref in (("fdp", base), ("fdp donate=none", base), ("fdp donate=state", base),
-                          ("fdp overlap", base), ("DDP fwd+bwd", None),
-                          ("fdp value_and_grad", stats["DDP fwd+bwd"])):
+                          ("fdp overlap", base), ("fdp gloo", base), ("DDP fwd+bwd", None),
+                          ("fdp value_and_grad", stats["DDP fwd+bwd"]),
+                          ("fdp value_and_grad gloo", stats["DDP fwd+bwd"])):
             table.append({"measure": "distributed", "name": f"{label}: {name}", **stats[name],
                           "ratio": stats[name]["median_ms"] / ref["median_ms"] if ref else None})
         ratios.append(stats["fdp"]["median_ms"] / base["median_ms"])

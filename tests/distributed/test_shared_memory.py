@@ -154,3 +154,20 @@ def test_reduce_is_the_op_in_rank_order(op):
     got = HostArena.reduce(xs, op)
     assert torch.equal(got, want)
     assert all(got.data_ptr() != x.data_ptr() for x in xs)  # a new tensor, inputs untouched
+
+
+def test_recycled_buffers_are_reused_only_once_nothing_holds_them():
+    from fdp.backends._recycled import BIG, Recycled
+
+    pool = Recycled()
+    first = pool.empty(torch.float32, BIG, torch.device("cpu"))
+    ptr = first.data_ptr()
+    second = pool.empty(torch.float32, BIG, torch.device("cpu"))
+    assert second.data_ptr() != ptr  # `first` is still held
+    parts = first.split([BIG // 2, BIG // 2])
+    del first
+    third = pool.empty(torch.float32, BIG, torch.device("cpu"))
+    assert ptr not in (third.data_ptr(), second.data_ptr())  # a view of it is still held
+    del parts, third
+    assert pool.empty(torch.float32, BIG, torch.device("cpu")).data_ptr() == ptr  # dead now
+    assert pool.empty(torch.float64, BIG, torch.device("cpu")).dtype == torch.float64
