@@ -14,7 +14,9 @@ the backend makes each rank play its replica:
 * :func:`fdp.value_and_grad` differentiates each rank's shard with tape autograd and sums the
   loss and gradients in flat buckets: after backward (the default on CPU, where gloo needs the
   cores backward uses), or each launched as soon as backward has produced its gradients
-  (``overlap=True``, the default on CUDA), as DDP.
+  (``overlap=True``, the default on CUDA), as DDP. On the CPU, with every rank on this host,
+  the buckets are summed through shared memory rather than gloo's sockets
+  (``shared_memory``, see :mod:`fdp.backends._host_arena`).
 """
 
 from __future__ import annotations
