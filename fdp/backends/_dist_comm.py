@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from fdp.backends import _dist_exit, _host_arena
 from fdp.backends._comm import Communicator
-from fdp.backends._host_arena import HostArena
+from fdp.backends._host_arena import HostArena, Region
 from fdp.backends._options import ReduceOp
 from fdp.backends._recycled import Recycled
 
@@ -41,11 +41,11 @@ _gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_int
 @dataclasses.dataclass
 class Launched:
     """A bucket's reduction in flight: gloo's ``work`` on ``flat``, or, through shared memory,
-    the barrier's ``work`` and every rank's ``regions`` (see ``_host_arena``)."""
+    the barrier's ``work`` and the bucket's ``region`` (see ``_host_arena``)."""
 
     work: Any
     flat: torch.Tensor | None = None
-    regions: list[torch.Tensor] | None = None
+    region: Region | None = None
 
 
 class PeerFailure(RuntimeError):
@@ -192,7 +192,7 @@ class DistComm(Communicator):
         and when a call needs more of it, collectively."""
         if self._sharing == "off":
             return
-        need = _host_arena.call_bytes(sizes)
+        need = _host_arena.call_bytes(sizes, self.size)
         if self._arena is None or need > self._arena.capacity:
             self._arena = _host_arena.open_arena(
                 self.rank, self.size, max(need, 1 << 16),
@@ -211,24 +211,27 @@ class DistComm(Communicator):
         """Starts reducing ``xs[idx]``, flattened into one buffer (after :meth:`prepare`)."""
         parts = [xs[i].detach().reshape(-1).to(self.device) for i in idx]
         if self._arena is not None:
-            regions = self._arena.take(parts[0].dtype, sum(p.numel() for p in parts))
-            torch.cat(parts, out=regions[self.rank])
-            flag = self._flag.clone()  # the barrier: every rank has written its region
-            return Launched(dist.all_reduce(flag, group=self.group, async_op=True),
-                            regions=regions)
+            region = self._arena.take(parts[0].dtype, sum(p.numel() for p in parts))
+            torch.cat(parts, out=region.inputs[self.rank])
+            return Launched(self._start_barrier(), region=region)
         flat = torch.cat(parts, out=self._recycled.empty(parts[0].dtype,
                                                          sum(p.numel() for p in parts),
                                                          self.device))
         return Launched(dist.all_reduce(flat, _OPS[op], group=self.group, async_op=True), flat)
 
+    def _start_barrier(self) -> Any:
+        """A one-element all-reduce: once it completes, every rank has reached it."""
+        return dist.all_reduce(self._flag.clone(), group=self.group, async_op=True)
+
     def finish(self, started: Launched, op: ReduceOp, fn: str,
                like: list[torch.Tensor]) -> list[torch.Tensor]:
         """Waits for a launched bucket and splits it into views shaped like ``like``."""
         self.wait(started.work, fn)
-        if started.regions is not None:
-            first = started.regions[0]
-            flat = HostArena.reduce(started.regions, op, self._recycled.empty(
-                first.dtype, first.numel(), self.device))
+        if started.region is not None and self._arena is not None:
+            mine = started.region.inputs[self.rank]
+            out = self._recycled.empty(mine.dtype, mine.numel(), self.device)
+            flat = self._arena.combine(started.region, op, out,
+                                       lambda: self.wait(self._start_barrier(), fn))
         else:
             assert started.flat is not None
             flat = started.flat

@@ -12,7 +12,13 @@ files in ``/dev/shm``, a bucket is summed as follows instead:
 3. every rank sums the ranks' copies in rank order into a new tensor: the same operations on
    the same numbers, so every rank gets the same bits (with two ranks, the same bits as gloo).
 
-Segments are reused without a second barrier: each has two halves, and call ``c`` (one
+With more than two ranks and a bucket of :data:`SCATTER_BYTES` or more, step 3 would make every
+rank read every rank's copy (N times the bucket); instead each rank sums one N-th of the bucket
+(over the ranks, in rank order) into a result region of its segment, a second barrier follows,
+and every rank copies the N results: twice the bucket read per rank, whatever N. Each element
+is still the same sum in the same order, so the bits equal step 3's.
+
+Segments are reused without another barrier: each has two halves, and call ``c`` (one
 sequence of buckets, one :meth:`HostArena.begin`) writes half ``c % 2``. A rank reaches
 call ``c`` only after call ``c - 1``'s barrier, which no rank passes before finishing the reads
 of call ``c - 2``, the last user of that half. Within a call, buckets take consecutive regions.
@@ -36,6 +42,7 @@ from fdp.backends._options import ReduceOp
 
 SHM_DIR = "/dev/shm"
 ALIGN = 64  # bytes: each bucket's region starts on a cache line
+SCATTER_BYTES = 1 << 18  # buckets from this size, over more than 2 ranks, are summed in parts
 Barrier = Callable[[torch.Tensor, ReduceOp], torch.Tensor]
 _REDUCE: dict[str, Callable[..., torch.Tensor]] = {
     "sum": torch.add, "mean": torch.add, "max": torch.maximum, "min": torch.minimum}
@@ -45,14 +52,29 @@ def aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
 
 
-def call_bytes(sizes: Sequence[tuple[torch.dtype, int]]) -> int:
-    """The bytes one call's buckets take in a half segment: ``(dtype, numel)`` per bucket.
+def scatters(nbytes: int, ranks: int) -> bool:
+    """Whether a bucket of ``nbytes`` over ``ranks`` ranks is summed in parts (see above)."""
+    return ranks > 2 and nbytes >= SCATTER_BYTES
+
+
+def call_bytes(sizes: Sequence[tuple[torch.dtype, int]], ranks: int) -> int:
+    """The bytes one call's buckets take in a half segment: ``(dtype, numel)`` per bucket
+    (twice that for a bucket summed in parts: its copy and the results).
 
     Example:
-        >>> call_bytes([(torch.float32, 3), (torch.float64, 10)])
+        >>> call_bytes([(torch.float32, 3), (torch.float64, 10)], 2)
         192
     """
-    return sum(aligned(n * d.itemsize) for d, n in sizes)
+    return sum(aligned(n * d.itemsize) * (2 if scatters(n * d.itemsize, ranks) else 1)
+               for d, n in sizes)
+
+
+class Region:
+    """One bucket's place in every rank's segment: the ranks' copies (``inputs``) and, for a
+    bucket summed in parts, the regions that hold each rank's part of the result."""
+
+    def __init__(self, inputs: list[torch.Tensor], results: list[torch.Tensor] | None) -> None:
+        self.inputs, self.results = inputs, results
 
 
 class HostArena:
@@ -73,14 +95,33 @@ class HostArena:
         self.calls += 1
         self.used = 0
 
-    def take(self, dtype: torch.dtype, numel: int) -> list[torch.Tensor]:
-        """The next region of this call, as a flat ``dtype`` view in every rank's segment."""
+    def take(self, dtype: torch.dtype, numel: int) -> Region:
+        """The next region of this call, as flat ``dtype`` views in every rank's segment."""
         nbytes = numel * dtype.itemsize
+        inputs = self._views(dtype, nbytes)
+        results = self._views(dtype, nbytes) if scatters(nbytes, len(self.segments)) else None
+        return Region(inputs, results)
+
+    def _views(self, dtype: torch.dtype, nbytes: int) -> list[torch.Tensor]:
         start = self.half * self.capacity + self.used
         if self.used + nbytes > self.capacity:
             raise RuntimeError("HostArena: a call's buckets outgrew the reserved capacity")
         self.used += aligned(nbytes)
         return [s[start:start + nbytes].view(dtype) for s in self.segments]
+
+    def combine(self, region: Region, op: ReduceOp, out: torch.Tensor,
+                barrier: Callable[[], None]) -> torch.Tensor:
+        """``op`` over the ranks' copies into ``out``, once every rank has written its copy;
+        a bucket summed in parts calls ``barrier()`` (all ranks) between the two steps."""
+        if region.results is None:
+            return self.reduce(region.inputs, op, out)
+        bounds = parts(out.numel(), len(self.segments))
+        lo, hi = bounds[self.rank]
+        self.reduce([x[lo:hi] for x in region.inputs], op, region.results[self.rank][lo:hi])
+        barrier()  # every rank has written its part of the result
+        for j, (lo, hi) in enumerate(bounds):
+            out[lo:hi].copy_(region.results[j][lo:hi])
+        return out
 
     @staticmethod
     def reduce(regions: list[torch.Tensor], op: ReduceOp,
@@ -93,6 +134,22 @@ class HostArena:
         if op == "mean":
             out /= len(regions)
         return out
+
+
+def parts(numel: int, ranks: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each rank's part of a bucket of ``numel`` elements.
+
+    Example:
+        >>> parts(10, 3)
+        [(0, 4), (4, 7), (7, 10)]
+    """
+    step, extra = divmod(numel, ranks)
+    bounds, start = [], 0
+    for r in range(ranks):
+        stop = start + step + (r < extra)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
 
 
 def open_arena(rank: int, size: int, capacity: int,

@@ -65,6 +65,23 @@ def test_shared_memory_sums_like_gloo_and_the_same_on_every_rank(pool, n):
                                    ranks[0][(i, True)])
 
 
+def _in_parts_and_whole(spec: jobs.Spec) -> dict:
+    """The same training with every bucket summed in parts, and with none."""
+    out, default = {}, _host_arena.SCATTER_BYTES
+    try:
+        for name, threshold in (("parts", 0), ("whole", 1 << 62)):
+            _host_arena.SCATTER_BYTES = threshold  # the pool's processes live on: restored
+            out[name] = _train_both([spec], 7)[(0, True)]
+    finally:
+        _host_arena.SCATTER_BYTES = default
+    return out
+
+
+def test_summing_in_parts_gives_the_bits_of_summing_whole(pool):
+    for got in pool.run(_in_parts_and_whole, 3, args=(SPECS[1],)):
+        fdp.tree.map_with_path(lambda p, a, b: _bitwise(p, a, b), got["parts"], got["whole"])
+
+
 def _bitwise(path: str, a: torch.Tensor, b: torch.Tensor) -> None:
     assert torch.equal(a, b), path
 
@@ -129,8 +146,8 @@ def test_calls_alternate_halves_and_buckets_take_aligned_regions():
     starts = []
     for _ in range(3):
         arena.begin()
-        a = arena.take(torch.float32, 3)
-        b = arena.take(torch.float64, 5)
+        a = arena.take(torch.float32, 3).inputs
+        b = arena.take(torch.float64, 5).inputs
         base = arena.segments[0].data_ptr()
         starts.append((a[0].data_ptr() - base, b[0].data_ptr() - base))
         assert a[0].numel() == 3 and b[0].dtype == torch.float64
