@@ -10,8 +10,9 @@ numbers, so all raise together or none does. On a disagreement every rank gather
 descriptions (``all_gather_object``) and raises the ``ValueError`` naming the first difference.
 
 That needs the buckets themselves to match: their sizes come from the params' dtypes and sizes
-(the *bucket layout*), and gloo aborts the process on an all-reduce whose sizes differ between
-ranks. So the mesh remembers the layout that its ranks last agreed on (the same on every rank:
+(the *bucket layout*): gloo aborts the process on an all-reduce whose sizes differ between
+ranks, and buckets summed through shared memory (``_host_arena``) would read the wrong bytes
+(their segments also grow only on sizes every rank shares). So the mesh remembers the layout that its ranks last agreed on (the same on every rank:
 it changes only on decisions that every rank takes from the same numbers), and a call:
 
 * with that layout adds nothing (steady state);
