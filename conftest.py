@@ -37,6 +37,25 @@ hypothesis.settings.register_profile("ci", max_examples=60, print_blob=True, **_
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``dev.py test`` runs one worker per core), one intra-op thread per
+    worker: the workers already keep the cores busy, and torch's threads would contend."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """tests/distributed runs in one xdist worker (``--dist loadgroup``): its session-scoped
+    pool of 4 rank processes starts once, not once per worker (8 ranks on 2 cores)."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    distributed = os.path.join(os.path.dirname(__file__), "tests", "distributed") + os.sep
+    for item in items:
+        if str(item.path).startswith(distributed):
+            item.add_marker(pytest.mark.xdist_group("distributed"))
+
+
 @pytest.fixture(autouse=True)
 def _fixed_seeds() -> None:
     torch.manual_seed(0)
