@@ -32,7 +32,8 @@ hypothesis.register_random(_TORCH_RANDOM)
 _COMMON = dict(deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow])
 hypothesis.settings.register_profile("dev", max_examples=12, **_COMMON)
 # ci: 5x the dev profile; at 150 the ci run took 20 min of tests on a 2-core machine, 60 keeps
-# it near 13 (the fixed part, about 9 min, is the same in both profiles)
+# it near 13 (the fixed part, about 9 min, is the same in both profiles), one test at a time;
+# dev.py test's 2 pytest-xdist workers run the ci profile in 8½ min
 hypothesis.settings.register_profile("ci", max_examples=60, print_blob=True, **_COMMON)
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 

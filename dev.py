@@ -50,13 +50,14 @@ TORCH_STAMP_NAME = ".fdp-dev-torch"  # the torch spec and index torch was instal
 
 # The fast subset: everything except the heavier sweeps (marked slow), the multi-process
 # distributed tests (a pool of 4 gloo ranks), the JAX interop tests and the torch.compile tests
-# (compilation dominates their time). About 2½ to 4 minutes on a 2-core machine, against 9 to 13 for
-# the whole suite; `dev.py test` (no --fast) runs everything, as CI does.
+# (compilation dominates their time). About 2¾ minutes on a 2-core machine (2 pytest-xdist
+# workers; 3¼ one test at a time, -n 0), against 8½ for the whole suite with CI's hypothesis
+# profile (15 one test at a time); `dev.py test` (no --fast) runs everything, as CI does.
 FAST = ["-m", "not slow", "--ignore=tests/distributed", "--ignore=tests/interop",
         "-k", "not compile"]
 
 # dev.py test runs the tests in parallel, one pytest-xdist worker per core up to this many (each
-# worker imports torch and JAX: about 1 GiB of memory apiece)
+# worker imports torch and JAX and compiles: up to about 2 GiB of memory apiece)
 MAX_WORKERS = 8
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
