@@ -33,7 +33,7 @@ _COMMON = dict(deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_
 hypothesis.settings.register_profile("dev", max_examples=12, **_COMMON)
 # ci: 5x the dev profile; at 150 the ci run took 20 min of tests on a 2-core machine, 60 keeps
 # it near 13 (the fixed part, about 9 min, is the same in both profiles), one test at a time;
-# dev.py test's 2 pytest-xdist workers run the ci profile in 8½ min
+# dev.py test's 2 pytest-xdist workers run the ci profile in 7 min
 hypothesis.settings.register_profile("ci", max_examples=60, print_blob=True, **_COMMON)
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
@@ -50,7 +50,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     """``--dist loadgroup`` (as ``dev.py test`` runs) with tests/distributed as one group, run
     by one worker: its session-scoped pool of 4 rank processes starts once, not once per worker
     (8 ranks on 2 cores). The group is chosen here by path: marking the items xdist_group does
-    not group them under pytest 9.2, whose node ids ignore the suffix xdist 3.8 writes."""
+    not group them under pytest 9.2, whose node ids ignore the suffix xdist 3.8 writes
+    (pytest-dev/pytest-xdist#1386)."""
     if config.getoption("dist") != "loadgroup":
         return None  # xdist's own scheduler
     from xdist.scheduler import LoadGroupScheduling

@@ -51,7 +51,7 @@ TORCH_STAMP_NAME = ".fdp-dev-torch"  # the torch spec and index torch was instal
 # The fast subset: everything except the heavier sweeps (marked slow), the multi-process
 # distributed tests (a pool of 4 gloo ranks), the JAX interop tests and the torch.compile tests
 # (compilation dominates their time). About 2¾ minutes on a 2-core machine (2 pytest-xdist
-# workers; 3¼ one test at a time, -n 0), against 8½ for the whole suite with CI's hypothesis
+# workers; 3¼ one test at a time, -n 0), against 7 for the whole suite with CI's hypothesis
 # profile (15 one test at a time); `dev.py test` (no --fast) runs everything, as CI does.
 FAST = ["-m", "not slow", "--ignore=tests/distributed", "--ignore=tests/interop",
         "-k", "not compile"]
