@@ -5,8 +5,10 @@ Usage: python3 dev.py COMMAND [ARGS...]
 
     example [ARGS...]      train the digits example: examples/train_digits.py ARGS
                            (--help lists its options; the figure goes to digits_loss.png)
-    test [--fast] [ARGS]   run the test suite: python -m pytest ARGS. --fast runs the fast
-                           subset, pytest {fast}
+    test [--fast] [ARGS]   run the test suite: python -m pytest -n N --dist loadgroup ARGS,
+                           N = one pytest-xdist worker per core (at most {workers}; none on 1
+                           core, or when ARGS have -n, -p no:xdist, --pdb or --trace).
+                           --fast runs the fast subset, pytest {fast}
                            (a -m or -k of your own replaces the subset's)
     lint                   ruff check . , then mypy (its settings: [tool.mypy] in pyproject.toml)
     docs                   build the docs strictly: sphinx-build -W --keep-going -n -b html docs
@@ -48,17 +50,22 @@ TORCH_STAMP_NAME = ".fdp-dev-torch"  # the torch spec and index torch was instal
 
 # The fast subset: everything except the heavier sweeps (marked slow), the multi-process
 # distributed tests (a pool of 4 gloo ranks), the JAX interop tests and the torch.compile tests
-# (compilation dominates their time). About 2½ to 4 minutes on a 2-core machine, against 9 to 13 for
-# the whole suite; `dev.py test` (no --fast) runs everything, as CI does.
+# (compilation dominates their time). About 2¾ minutes on a 2-core machine (2 pytest-xdist
+# workers; 3¼ one test at a time, -n 0), against 7 for the whole suite with CI's hypothesis
+# profile (15 one test at a time); `dev.py test` (no --fast) runs everything, as CI does.
 FAST = ["-m", "not slow", "--ignore=tests/distributed", "--ignore=tests/interop",
         "-k", "not compile"]
+
+# dev.py test runs the tests in parallel, one pytest-xdist worker per core up to this many (each
+# worker imports torch and JAX and compiles: up to about 2 GiB of memory apiece)
+MAX_WORKERS = 8
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DOCS_COMMAND = ["-m", "sphinx", "-W", "--keep-going", "-n", "-b", "html", "docs",
                 os.path.join("docs", "_build", "html")]
 
 USAGE = __doc__.format(fast=" ".join(f'"{a}"' if " " in a else a for a in FAST),
-                       torch=TORCH_SPEC)
+                       torch=TORCH_SPEC, workers=MAX_WORKERS)
 
 
 def say(message):
@@ -183,11 +190,27 @@ def cmd_example(python, args):
     return run([python, os.path.join("examples", "train_digits.py"), *args])
 
 
+def parallel(args):
+    """pytest-xdist's options for ARGS: one worker per core (at most MAX_WORKERS), tests/distributed
+    in one of them (conftest.py marks it for --dist loadgroup); none where ARGS choose the
+    workers themselves (-n, --numprocesses, -p no:xdist) or need one process (--pdb, --trace)."""
+    for a in args:
+        if (a.startswith(("-n", "--numprocesses")) or a in ("--pdb", "--trace")
+                or a in ("no:xdist", "-pno:xdist")):
+            return []
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    workers = min(cores, MAX_WORKERS)
+    return ["-n", str(workers), "--dist", "loadgroup"] if workers > 1 else []
+
+
 def cmd_test(python, args):
     if "--fast" in args:
         args = FAST + [a for a in args if a != "--fast"]
         say("fast subset: pytest " + " ".join(args))
-    return run([python, "-m", "pytest", *args])
+    return run([python, "-m", "pytest", *parallel(args), *args])
 
 
 def cmd_lint(python, args):
