@@ -125,9 +125,9 @@ class Mesh:
                 only (on CPU, gloo needs the cores backward uses: measured slower).
             shared_memory: on the CPU, sum the gradient buckets through shared memory
                 (``/dev/shm``) instead of gloo's sockets when every rank runs on this host
-                (decided on the first step, by every rank together; twice the gradients' bytes
-                per rank). ``None`` (default): where possible, else gloo; ``True``: raise
-                where not possible; ``False``: always gloo.
+                (decided on the first step, by every rank together; about twice the gradients'
+                bytes per rank). ``None`` (default): where possible, else gloo; ``True``:
+                every rank raises where not possible; ``False``: always gloo.
         """
         _check_axis_name(axis_name, "Mesh.distributed")
         backend = DistributedBackend.create(group, device=device, timeout=timeout,

@@ -12,8 +12,9 @@ descriptions (``all_gather_object``) and raises the ``ValueError`` naming the fi
 That needs the buckets themselves to match: their sizes come from the params' dtypes and sizes
 (the *bucket layout*): gloo aborts the process on an all-reduce whose sizes differ between
 ranks, and buckets summed through shared memory (``_host_arena``) would read the wrong bytes
-(their segments also grow only on sizes every rank shares). So the mesh remembers the layout that its ranks last agreed on (the same on every rank:
-it changes only on decisions that every rank takes from the same numbers), and a call:
+(their segments also grow only on sizes every rank shares). So the mesh remembers the layout
+that its ranks last agreed on (the same on every rank: it changes only on decisions that every
+rank takes from the same numbers), and a call:
 
 * with that layout adds nothing (steady state);
 * on a mesh without an agreed layout (its first call) first compares the description's CRC with

@@ -81,10 +81,12 @@ class DistComm(Communicator):
         self._timed = "nccl" not in str(dist.get_backend(group)).lower() or device.type != "cuda"
         self._delta = datetime.timedelta(seconds=timeout)
         self.shared_memory = shared_memory
-        # "untried" until the first bucket decides, collectively; then "on" or "off"
-        self._sharing = "off" if shared_memory is False or self.size == 1 \
-            or not _host_arena.can_share(device) else "untried"
+        # "untried" until the first call with buckets decides, on every rank together; then
+        # "on", "off" or "refused" (shared_memory=True on some rank, and not possible)
+        self._sharing = "off" if self.size == 1 else "untried"
+        self._refusal = ""
         self._arena: HostArena | None = None
+        self._unwaited: list[Any] = []  # barriers started and not yet waited for
         self._flag = torch.zeros(1, dtype=torch.int64, device=device)
         self._recycled = Recycled()  # the buckets' flat buffers, reused once dead
 
@@ -188,24 +190,61 @@ class DistComm(Communicator):
 
     def prepare(self, sizes: list[tuple[torch.dtype, int]], fn: str) -> None:
         """Before the buckets of one call, ``(dtype, numel)`` each: every rank calls it with
-        the same sizes (the callers check that first). Maps shared memory on the first call
-        and when a call needs more of it, collectively."""
+        the same sizes (the callers check that first). Decides on the first call whether the
+        ranks share memory, and maps more of it when a call needs more, collectively."""
+        if self._sharing == "untried":
+            self._decide(fn)
+        if self._sharing == "refused":
+            raise RuntimeError(self._refusal)
         if self._sharing == "off":
             return
+        for work in self._unwaited:  # an abandoned call's barrier: see _host_arena
+            self.wait(work, fn)
+        self._unwaited.clear()
         need = _host_arena.call_bytes(sizes, self.size)
         if self._arena is None or need > self._arena.capacity:
-            self._arena = _host_arena.open_arena(
-                self.rank, self.size, max(need, 1 << 16),
-                lambda flag, op: self._all_reduce(flag, op, fn))
-            self._sharing = "on" if self._arena is not None else "off"
-            if self._arena is None and self.shared_memory:
-                raise RuntimeError(
-                    f"{fn}: Mesh.distributed(shared_memory=True), but the ranks cannot share "
-                    f"memory: a rank runs on another host, or {_host_arena.SHM_DIR} is missing "
-                    f"or lacks {2 * need} bytes per rank. Pass shared_memory=None (use it "
-                    f"where possible) or False")
+            self._arena = None  # unmapped before the new segments take room in /dev/shm
+            self._open(max(need, 1 << 16), fn)
         if self._arena is not None:
             self._arena.begin()
+
+    def _decide(self, fn: str) -> None:
+        """Every rank says whether it may share memory and whether it insists; all ranks
+        take the same decision from the sums (one all-reduce, on the first call only)."""
+        may = self.shared_memory is not False and _host_arena.can_share(self.device)
+        votes = torch.tensor([int(may), int(self.shared_memory is True)],
+                             dtype=torch.int64, device=self.device)
+        total = self._all_reduce(votes, "sum", fn).tolist()
+        if total[0] == self.size:
+            self._sharing = "on"
+        elif total[1] > 0:
+            self._refuse(fn, "a rank passed shared_memory=False or runs on a device other "
+                             "than the CPU")
+        else:
+            self._sharing = "off"
+
+    def _open(self, capacity: int, fn: str) -> None:
+        self._arena = _host_arena.open_arena(self.rank, self.size, capacity,
+                                             lambda flag, op: self._all_reduce(flag, op, fn))
+        if self._arena is not None:
+            return
+        if self._wanted(fn):  # every rank asks, also one that insists itself
+            self._refuse(fn, f"a rank runs on another host, or {_host_arena.SHM_DIR} is "
+                             f"missing or lacks {2 * capacity} bytes per rank")
+            raise RuntimeError(self._refusal)
+        self._sharing = "off"
+
+    def _wanted(self, fn: str) -> bool:
+        """Whether any rank passed ``shared_memory=True`` (every rank asks, together)."""
+        flag = torch.tensor([int(self.shared_memory is True)], dtype=torch.int64,
+                            device=self.device)
+        return bool(self._all_reduce(flag, "max", fn).item())
+
+    def _refuse(self, fn: str, why: str) -> None:
+        self._sharing = "refused"
+        self._refusal = (f"{fn}: Mesh.distributed(shared_memory=True) on some rank, but the "
+                         f"ranks cannot share memory: {why}. Pass shared_memory=None (use it "
+                         f"where possible) or False on every rank")
 
     def launch(self, xs: Sequence[torch.Tensor], idx: list[int], op: ReduceOp) -> Launched:
         """Starts reducing ``xs[idx]``, flattened into one buffer (after :meth:`prepare`)."""
@@ -213,7 +252,9 @@ class DistComm(Communicator):
         if self._arena is not None:
             region = self._arena.take(parts[0].dtype, sum(p.numel() for p in parts))
             torch.cat(parts, out=region.inputs[self.rank])
-            return Launched(self._start_barrier(), region=region)
+            work = self._start_barrier()
+            self._unwaited.append(work)
+            return Launched(work, region=region)
         flat = torch.cat(parts, out=self._recycled.empty(parts[0].dtype,
                                                          sum(p.numel() for p in parts),
                                                          self.device))
@@ -221,13 +262,17 @@ class DistComm(Communicator):
 
     def _start_barrier(self) -> Any:
         """A one-element all-reduce: once it completes, every rank has reached it."""
-        return dist.all_reduce(self._flag.clone(), group=self.group, async_op=True)
+        work = dist.all_reduce(self._flag.clone(), group=self.group, async_op=True)
+        if self._arena is not None:
+            self._arena.barrier_started()
+        return work
 
     def finish(self, started: Launched, op: ReduceOp, fn: str,
                like: list[torch.Tensor]) -> list[torch.Tensor]:
         """Waits for a launched bucket and splits it into views shaped like ``like``."""
         self.wait(started.work, fn)
         if started.region is not None and self._arena is not None:
+            self._unwaited.remove(started.work)
             mine = started.region.inputs[self.rank]
             out = self._recycled.empty(mine.dtype, mine.numel(), self.device)
             flat = self._arena.combine(started.region, op, out,

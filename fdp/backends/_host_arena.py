@@ -18,10 +18,12 @@ rank read every rank's copy (N times the bucket); instead each rank sums one N-t
 and every rank copies the N results: twice the bucket read per rank, whatever N. Each element
 is still the same sum in the same order, so the bits equal step 3's.
 
-Segments are reused without another barrier: each has two halves, and call ``c`` (one
-sequence of buckets, one :meth:`HostArena.begin`) writes half ``c % 2``. A rank reaches
-call ``c`` only after call ``c - 1``'s barrier, which no rank passes before finishing the reads
-of call ``c - 2``, the last user of that half. Within a call, buckets take consecutive regions.
+Segments are reused without another barrier: each has two halves, and calls (one sequence of
+buckets each, one :meth:`HostArena.begin`) alternate between them. A rank starts call ``c``
+only after waiting for call ``c - 1``'s first barrier (also when that call was abandoned, say
+by an exception in backward), which no rank enters before finishing the reads of call
+``c - 2``, the last user of the half that ``c`` writes. A call that started no barrier leaves
+the half to the next call. Within a call, buckets take consecutive regions.
 
 The files are unlinked as soon as every rank has mapped them: nothing outlives the processes.
 Space is reserved with ``posix_fallocate``, so a full ``/dev/shm`` (64 MB in a default Docker
@@ -59,19 +61,29 @@ def scatters(nbytes: int, ranks: int) -> bool:
 
 def call_bytes(sizes: Sequence[tuple[torch.dtype, int]], ranks: int) -> int:
     """The bytes one call's buckets take in a half segment: ``(dtype, numel)`` per bucket
-    (twice that for a bucket summed in parts: its copy and the results).
+    (for a bucket summed in parts, also the rank's part of the result).
 
     Example:
         >>> call_bytes([(torch.float32, 3), (torch.float64, 10)], 2)
         192
     """
-    return sum(aligned(n * d.itemsize) * (2 if scatters(n * d.itemsize, ranks) else 1)
-               for d, n in sizes)
+    total = 0
+    for d, n in sizes:
+        total += aligned(n * d.itemsize)
+        if scatters(n * d.itemsize, ranks):
+            total += aligned(part_size(n, ranks) * d.itemsize)
+    return total
+
+
+def part_size(numel: int, ranks: int) -> int:
+    """The largest of the ``ranks`` parts of a bucket of ``numel`` elements (:func:`parts`)."""
+    return -(-numel // ranks)
 
 
 class Region:
     """One bucket's place in every rank's segment: the ranks' copies (``inputs``) and, for a
-    bucket summed in parts, the regions that hold each rank's part of the result."""
+    bucket summed in parts, where each rank puts its part of the result (``results[r]``
+    holds rank ``r``'s part, from its start)."""
 
     def __init__(self, inputs: list[torch.Tensor], results: list[torch.Tensor] | None) -> None:
         self.inputs, self.results = inputs, results
@@ -85,21 +97,29 @@ class HostArena:
 
     def __init__(self, rank: int, segments: list[torch.Tensor], capacity: int) -> None:
         self.rank, self.segments, self.capacity = rank, segments, capacity
-        self.calls = 0
-        self.half = 0
+        self.half = 1
+        self.synced = True  # whether the call that used ``half`` started a barrier
         self.used = 0
 
     def begin(self) -> None:
-        """Starts a call: the next half, from its start."""
-        self.half = self.calls % 2
-        self.calls += 1
+        """Starts a call: the other half, from its start, if the last call started a barrier
+        (the caller waits for it before this); else the same half, which no rank can be
+        reading: nobody got past that call's start without a barrier."""
+        if self.synced:
+            self.half = 1 - self.half
+        self.synced = False
         self.used = 0
+
+    def barrier_started(self) -> None:
+        """Notes that this call has started a barrier (once every rank has written)."""
+        self.synced = True
 
     def take(self, dtype: torch.dtype, numel: int) -> Region:
         """The next region of this call, as flat ``dtype`` views in every rank's segment."""
-        nbytes = numel * dtype.itemsize
+        nbytes, ranks = numel * dtype.itemsize, len(self.segments)
         inputs = self._views(dtype, nbytes)
-        results = self._views(dtype, nbytes) if scatters(nbytes, len(self.segments)) else None
+        results = (self._views(dtype, part_size(numel, ranks) * dtype.itemsize)
+                   if scatters(nbytes, ranks) else None)
         return Region(inputs, results)
 
     def _views(self, dtype: torch.dtype, nbytes: int) -> list[torch.Tensor]:
@@ -117,10 +137,10 @@ class HostArena:
             return self.reduce(region.inputs, op, out)
         bounds = parts(out.numel(), len(self.segments))
         lo, hi = bounds[self.rank]
-        self.reduce([x[lo:hi] for x in region.inputs], op, region.results[self.rank][lo:hi])
+        self.reduce([x[lo:hi] for x in region.inputs], op, region.results[self.rank][:hi - lo])
         barrier()  # every rank has written its part of the result
         for j, (lo, hi) in enumerate(bounds):
-            out[lo:hi].copy_(region.results[j][lo:hi])
+            out[lo:hi].copy_(region.results[j][:hi - lo])
         return out
 
     @staticmethod
@@ -189,11 +209,14 @@ def _create(path: str, nbytes: int) -> torch.Tensor | None:
         return None
     try:
         os.posix_fallocate(fd, 0, nbytes)  # reserves the pages: ENOSPC now, not SIGBUS later
-        return _mapped(fd, nbytes)
+        mapped = _mapped(fd, nbytes)
     except OSError:
-        os.close(fd)
+        mapped = None
+    finally:
+        os.close(fd)  # a mapping stays valid without its descriptor
+    if mapped is None:
         os.unlink(path)
-        return None
+    return mapped
 
 
 def _map(path: str, nbytes: int) -> torch.Tensor | None:
@@ -201,17 +224,16 @@ def _map(path: str, nbytes: int) -> torch.Tensor | None:
         fd = os.open(path, os.O_RDWR)
     except OSError:  # not there: another host (or another /dev/shm)
         return None
-    if os.fstat(fd).st_size != nbytes:
-        os.close(fd)
+    try:
+        return _mapped(fd, nbytes) if os.fstat(fd).st_size == nbytes else None
+    except OSError:
         return None
-    return _mapped(fd, nbytes)
+    finally:
+        os.close(fd)
 
 
 def _mapped(fd: int, nbytes: int) -> torch.Tensor:
-    try:
-        buf = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    finally:
-        os.close(fd)  # the mapping stays valid without the descriptor
+    buf = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     return torch.frombuffer(buf, dtype=torch.uint8)
 
 

@@ -261,7 +261,8 @@ class DistributedBackend(SpmdBackend):
         if had is not None:  # None where no rank had a gradient (counted in the last bucket)
             out = {k: g if n > 0 else None
                    for (k, g), n in zip(out.items(), had.tolist(), strict=True)}
-        return loss.to(term.dtype), out
+        # a copy: a view would keep the whole first bucket alive (and out of reuse)
+        return loss.to(term.dtype, copy=True), out
 
     def _call_agreement(self) -> Agreement | None:
         """The cross-rank check of the ``value_and_grad`` call in progress."""

@@ -223,9 +223,9 @@ def _collectives_per_call(shared_memory: bool) -> list[dict[str, int]]:
 def test_value_and_grad_starts_no_collective_of_its_own_in_steady_state(shared_memory):
     per_call = fdp.launch.run(_collectives_per_call, 2, args=(shared_memory,),
                               timeout=RUN_TIMEOUT)[0]
-    # the first call checks; through shared memory, it also maps the segments: a token, then
-    # "every rank created its file", "every rank mapped every file"
-    setup = 3 if shared_memory else 0
+    # the first call checks, and the ranks decide whether they share memory; sharing, they
+    # map the segments: a token, "every rank created its file", "every rank mapped every file"
+    setup = 1 + (3 if shared_memory else 0)
     assert per_call[0] == {"all_gather": 1, "all_reduce": 1 + setup}, per_call
     # then only the gradients' bucket (through shared memory: its barrier)
     assert per_call[1:] == [{"all_reduce": 1}] * 3, per_call

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 
 import pytest
 import torch
@@ -133,6 +134,98 @@ def test_shared_memory_true_raises_on_every_rank_where_it_cannot_share():
         assert "another host" in res["error"] and res["left"] == []
 
 
+class _FailsInBackward(torch.autograd.Function):
+    armed = False
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: object, g: torch.Tensor) -> torch.Tensor:
+        if _FailsInBackward.armed:
+            raise RuntimeError("failed in backward")
+        return g
+
+
+def _abandoned_call(slow_seconds: float) -> tuple:
+    """Call K (rank 1 sums slowly), call K+1 abandoned on every rank after its first bucket
+    started (overlap=True, tiny buckets), call K+2 with other numbers: K's result must stay."""
+    def loss_fn(p: dict, b: dict) -> torch.Tensor:
+        h = _FailsInBackward.apply(b["x"] @ p["w1"])
+        return ((h @ p["w2"]) ** 2).sum()
+
+    rank = dist.get_rank()
+    mesh = fdp.Mesh.distributed(timeout=30, overlap=True, bucket_mb=0.001)
+    torch.manual_seed(0)
+    params = {"w1": torch.randn(16, 16, dtype=torch.float64),
+              "w2": torch.randn(16, 16, dtype=torch.float64)}
+    x = torch.randn(4, 16, dtype=torch.float64)
+    vg = fdp.value_and_grad(loss_fn, mesh)
+    vg(params, {"x": x})
+    reduce = HostArena.reduce
+    if rank == 1:
+        def slow(*args: object, **kwargs: object) -> torch.Tensor:
+            time.sleep(slow_seconds)
+            return reduce(*args, **kwargs)
+        HostArena.reduce = staticmethod(slow)  # type: ignore[method-assign]
+    loss, grads = vg(params, {"x": x})
+    HostArena.reduce = staticmethod(reduce)  # type: ignore[method-assign]
+    _FailsInBackward.armed = True
+    with pytest.raises(RuntimeError, match="failed in backward"):
+        vg(params, {"x": x})
+    _FailsInBackward.armed = False
+    vg(params, {"x": 100 * x})
+    return loss, grads, _sharing(mesh)
+
+
+def test_a_call_abandoned_in_backward_does_not_overwrite_what_a_slow_rank_reads():
+    ranks = fdp.launch.run(_abandoned_call, 2, args=(0.5,), timeout=RUN_TIMEOUT)
+    assert ranks[0][2] == ranks[1][2] == "on"
+    fdp.tree.map_with_path(lambda p, a, b: _bitwise(p, a, b), ranks[1][:2], ranks[0][:2])
+
+
+def _options_differ(mine: list) -> list:
+    """Two calls on a mesh whose ranks pass different shared_memory options."""
+    mesh = fdp.Mesh.distributed(timeout=30, shared_memory=mine[dist.get_rank()])
+    vg = fdp.value_and_grad(lambda p, b: (b * p["w"]).sum(), mesh)
+    seen = []
+    for _ in range(2):
+        try:
+            seen.append(vg({"w": torch.ones(3)}, torch.ones(4, 3))[1]["w"])
+        except RuntimeError as e:
+            seen.append(str(e))
+    return [*seen, _sharing(mesh)]
+
+
+def test_ranks_with_different_options_agree_on_gloo_or_all_raise():
+    for got in fdp.launch.run(_options_differ, 2, args=([None, False],), timeout=RUN_TIMEOUT):
+        assert got[2] == "off" and all(torch.equal(g, torch.full((3,), 2.0)) for g in got[:2])
+    for got in fdp.launch.run(_options_differ, 2, args=([True, False],), timeout=RUN_TIMEOUT):
+        assert got[2] == "refused"
+        assert all("(shared_memory=True) on some rank" in m for m in got[:2]), got  # every call
+
+
+def _mapping_fails() -> tuple:
+    def refuse(*args: object) -> object:
+        raise OSError("no mapping here")
+
+    _host_arena.mmap.mmap = refuse  # type: ignore[assignment]  # a fresh process: not restored
+    here = _host_arena.SHM_DIR
+    before = {f for f in os.listdir(here) if f.startswith("fdp-")}
+    mesh = fdp.Mesh.distributed(timeout=30)
+    _, grads = fdp.value_and_grad(lambda p, b: (b * p["w"]).sum(), mesh)(
+        {"w": torch.ones(3)}, torch.ones(4, 3))
+    dist.barrier()
+    left = {f for f in os.listdir(here) if f.startswith("fdp-")} - before
+    return grads["w"], _sharing(mesh), left
+
+
+def test_a_rank_that_cannot_map_falls_back_with_every_rank_and_leaves_no_file():
+    for grads, sharing, left in fdp.launch.run(_mapping_fails, 2, timeout=RUN_TIMEOUT):
+        assert sharing == "off" and not left and torch.equal(grads, torch.full((3,), 2.0))
+
+
 # --- the arena on its own (one process) --------------------------------------------------------
 
 
@@ -144,14 +237,18 @@ def _arena(ranks: int, capacity: int) -> HostArena:
 def test_calls_alternate_halves_and_buckets_take_aligned_regions():
     arena = _arena(2, 1024)
     starts = []
-    for _ in range(3):
+    for barrier in (True, True, False, True, True):
         arena.begin()
         a = arena.take(torch.float32, 3).inputs
         b = arena.take(torch.float64, 5).inputs
+        if barrier:
+            arena.barrier_started()
         base = arena.segments[0].data_ptr()
         starts.append((a[0].data_ptr() - base, b[0].data_ptr() - base))
         assert a[0].numel() == 3 and b[0].dtype == torch.float64
-    assert starts == [(0, aligned(12)), (1024, 1024 + aligned(12)), (0, aligned(12))]
+    # a call that started no barrier leaves its half to the next call
+    first, second = (0, aligned(12)), (1024, 1024 + aligned(12))
+    assert starts == [first, second, first, first, second]
 
 
 def test_a_call_beyond_the_capacity_raises():
