@@ -280,3 +280,32 @@ def test_under_torch_compile_the_step_runs_as_traced_by_dynamo():
     want = fdp.value_and_grad(_loss(model), _mesh(2, "auto"))(model.params, batch)
     assert mesh.backend.replay_graphs == 0
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def _traced_example() -> tuple:
+    from fdp.backends._replay_graph import trace
+
+    w = torch.randn(5, 4, dtype=torch.float64)
+
+    def fn(x: torch.Tensor, b: torch.Tensor) -> list[torch.Tensor]:
+        h = torch.relu(x @ w.t() + b).view(3, 2, 5)
+        scaled = torch.ops.aten.mul.Scalar(h, 3)  # torch.mul would dispatch mul.Tensor
+        return [(h * 2).sum(dim=(0, 1)), torch.log_softmax(scaled, -1)]
+
+    x, b = torch.randn(6, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    return trace(fn, [x, b]), [x, b]
+
+
+def test_bound_ops_compute_bitwise_what_the_recorded_aten_ops_compute():
+    from fdp.backends._replay_bind import bind_fast
+
+    graph, inputs = _traced_example()
+    recorded = [n.target for n in graph.graph.nodes if n.op == "call_function"]
+    want = graph(*inputs)
+    assert bind_fast(graph) > 0
+    bound = [n.target for n in graph.graph.nodes if n.op == "call_function"]
+    assert any(not isinstance(t, torch._ops.OpOverload) for t in bound)
+    # no binding dispatches mul.Scalar: it stays as recorded
+    assert torch.ops.aten.mul.Scalar in recorded and torch.ops.aten.mul.Scalar in bound
+    for got, ref in zip(graph(*inputs), want, strict=True):
+        assert torch.equal(got, ref)

@@ -41,6 +41,7 @@ from fdp import _tree
 from fdp._compat import compiling, in_functorch_transform
 from fdp.backends._fallback import FallbackWarning, _caller_level, autocast_reason, first_line
 from fdp.backends._plan import GradPlan, Params, PyTree
+from fdp.backends._replay_bind import bind_fast
 from fdp.backends._replay_graph import random_ops, trace
 
 __all__ = ["LIMIT", "Replays"]
@@ -141,6 +142,7 @@ class Replays:
                 f"executor='auto'")
             self._keep(signature, _Eager(refused))
             raise refused
+        bind_fast(graph.module)  # after the check above, which reads the aten ops' tags
         self._keep(signature, graph)
         replayed: T = graph(tensors)
         return replayed
