@@ -21,10 +21,12 @@ __all__ = [
     "BatchNormBase",
     "UninitializedTensorMixin",
     "add_note",
+    "binding_namespaces",
     "broadcast_prefix_and_flatten",
     "compile_counter",
     "compiling",
     "functorch_kinds",
+    "fx_can_name",
     "in_forward_ad",
     "in_functorch_transform",
     "is_functorch_wrapped",
@@ -197,3 +199,19 @@ def compile_counter() -> Any:
     from torch._dynamo.testing import CompileCounter
 
     return CompileCounter()
+
+
+def binding_namespaces() -> tuple[Any, ...]:
+    """Where torch's generated Python bindings of aten ops live, besides ``Tensor`` methods."""
+    return (torch, torch._C._nn, torch._C._VariableFunctions)
+
+
+def fx_can_name(fn: Callable[..., Any]) -> bool:
+    """Whether ``torch.fx`` can write a call of ``fn`` into a graph's generated code."""
+    from torch.fx.node import _get_qualified_name
+
+    try:
+        _get_qualified_name(fn)
+    except Exception:
+        return False
+    return True

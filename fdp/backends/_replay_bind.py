@@ -7,12 +7,13 @@ schema into a stack): about 6 µs per call here, against 2.5 µs for ``Tensor.vi
 ``torch.mm``, whose generated bindings parse arguments directly. A replay of the bench's MLP
 step runs 83 ops, so this was a large part of what the replay cost beyond the kernels.
 
-:func:`bind_fast` replaces a node's target with a binding (``torch.<name>``,
-``torch._C._nn.<name>``, or the ``Tensor`` method) only where calling that binding on the
-node's own fake arguments dispatches exactly the recorded overload and nothing else (helpers
-of the fake tensors themselves, ``prim::`` ops, aside), on the same tensors in the same order,
-and gives a result of the recorded shape, strides and dtype. The kernel that runs is then the
-one the trace recorded, so a replay stays bitwise equal to the eager step.
+:func:`bind_fast` replaces a node's target with a binding (``torch.<name>``, the same name in
+torch's other namespaces of generated bindings, or the ``Tensor`` method) only where calling
+that binding on the node's own fake arguments dispatches exactly the recorded overload and
+nothing else (helpers of the fake tensors themselves, ``prim::`` ops, aside), on the same
+tensors in the same order, and gives a result of the recorded shape, strides and dtype. The
+kernel that runs is then the one the trace recorded, so a replay stays bitwise equal to the
+eager step.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import torch
 from torch import fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["bind_fast"]
+from fdp._compat import binding_namespaces, fx_can_name
 
-_NAMESPACES = (torch, torch._C._nn, torch._C._VariableFunctions)
+__all__ = ["bind_fast"]
 
 
 class _Recorder(TorchDispatchMode):
@@ -77,7 +78,7 @@ def _binding(node: fx.Node) -> Callable[..., Any] | None:
     if not isinstance(want, torch.Tensor) or mode is None:
         return None
     for candidate in _candidates(op):
-        if not _nameable(candidate):
+        if not fx_can_name(candidate):
             continue
         recorder = _Recorder()
         try:
@@ -95,22 +96,13 @@ def _binding(node: fx.Node) -> Callable[..., Any] | None:
 
 def _candidates(op: torch._ops.OpOverload) -> Iterator[Callable[..., Any]]:
     name = op._schema.name.split("::", 1)[1]
-    for namespace in _NAMESPACES:
+    for namespace in binding_namespaces():
         found = getattr(namespace, name, None)
         if callable(found):
             yield found
     method = getattr(torch.Tensor, name, None)
     if callable(method):
         yield method
-
-
-def _nameable(fn: Callable[..., Any]) -> bool:
-    """Whether fx can write a call of ``fn`` into generated code."""
-    try:
-        fx.node._get_qualified_name(fn)
-    except Exception:
-        return False
-    return True
 
 
 def _fake(value: Any) -> Any:
