@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from fdp._layout import Layout, split_sizes
 from fdp.backends._options import ReduceOp
 
 SHM_DIR = "/dev/shm"
@@ -71,13 +72,8 @@ def call_bytes(sizes: Sequence[tuple[torch.dtype, int]], ranks: int) -> int:
     for d, n in sizes:
         total += aligned(n * d.itemsize)
         if scatters(n * d.itemsize, ranks):
-            total += aligned(part_size(n, ranks) * d.itemsize)
+            total += aligned(parts(n, ranks).max_size * d.itemsize)
     return total
-
-
-def part_size(numel: int, ranks: int) -> int:
-    """The largest of the ``ranks`` parts of a bucket of ``numel`` elements (:func:`parts`)."""
-    return -(-numel // ranks)
 
 
 class Region:
@@ -118,7 +114,7 @@ class HostArena:
         """The next region of this call, as flat ``dtype`` views in every rank's segment."""
         nbytes, ranks = numel * dtype.itemsize, len(self.segments)
         inputs = self._views(dtype, nbytes)
-        results = (self._views(dtype, part_size(numel, ranks) * dtype.itemsize)
+        results = (self._views(dtype, parts(numel, ranks).max_size * dtype.itemsize)
                    if scatters(nbytes, ranks) else None)
         return Region(inputs, results)
 
@@ -135,12 +131,12 @@ class HostArena:
         a bucket summed in parts calls ``barrier()`` (all ranks) between the two steps."""
         if region.results is None:
             return self.reduce(region.inputs, op, out)
-        bounds = parts(out.numel(), len(self.segments))
-        lo, hi = bounds[self.rank]
-        self.reduce([x[lo:hi] for x in region.inputs], op, region.results[self.rank][:hi - lo])
+        layout = parts(out.numel(), len(self.segments))
+        lo, n = layout.offsets[self.rank], layout.sizes[self.rank]
+        self.reduce([x[lo:lo + n] for x in region.inputs], op, region.results[self.rank][:n])
         barrier()  # every rank has written its part of the result
-        for j, (lo, hi) in enumerate(bounds):
-            out[lo:hi].copy_(region.results[j][:hi - lo])
+        for j, (lo, n) in enumerate(zip(layout.offsets, layout.sizes, strict=True)):
+            out[lo:lo + n].copy_(region.results[j][:n])
         return out
 
     @staticmethod
@@ -156,20 +152,14 @@ class HostArena:
         return out
 
 
-def parts(numel: int, ranks: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` of each rank's part of a bucket of ``numel`` elements.
+def parts(numel: int, ranks: int) -> Layout:
+    """Each rank's part of a bucket of ``numel`` elements: ``split="even"``'s rule.
 
     Example:
-        >>> parts(10, 3)
-        [(0, 4), (4, 7), (7, 10)]
+        >>> parts(10, 3).sizes, parts(10, 3).offsets
+        ((4, 3, 3), (0, 4, 7))
     """
-    step, extra = divmod(numel, ranks)
-    bounds, start = [], 0
-    for r in range(ranks):
-        stop = start + step + (r < extra)
-        bounds.append((start, stop))
-        start = stop
-    return bounds
+    return Layout(split_sizes(numel, ranks, "even"))
 
 
 def open_arena(rank: int, size: int, capacity: int,
