@@ -85,6 +85,7 @@ class DistComm(Communicator):
         # "on", "off" or "refused" (shared_memory=True on some rank, and not possible)
         self._sharing = "off" if self.size == 1 else "untried"
         self._refusal = ""
+        self._insisted = False  # whether any rank passed shared_memory=True (see _decide)
         self._arena: HostArena | None = None
         self._unwaited: list[Any] = []  # barriers started and not yet waited for
         self._flag = torch.zeros(1, dtype=torch.int64, device=device)
@@ -215,6 +216,7 @@ class DistComm(Communicator):
         votes = torch.tensor([int(may), int(self.shared_memory is True)],
                              dtype=torch.int64, device=self.device)
         total = self._all_reduce(votes, "sum", fn).tolist()
+        self._insisted = total[1] > 0  # the same on every rank
         if total[0] == self.size:
             self._sharing = "on"
         elif total[1] > 0:
@@ -228,17 +230,11 @@ class DistComm(Communicator):
                                              lambda flag, op: self._all_reduce(flag, op, fn))
         if self._arena is not None:
             return
-        if self._wanted(fn):  # every rank asks, also one that insists itself
+        if self._insisted:
             self._refuse(fn, f"a rank runs on another host, or {_host_arena.SHM_DIR} is "
                              f"missing or lacks {2 * capacity} bytes per rank")
             raise RuntimeError(self._refusal)
         self._sharing = "off"
-
-    def _wanted(self, fn: str) -> bool:
-        """Whether any rank passed ``shared_memory=True`` (every rank asks, together)."""
-        flag = torch.tensor([int(self.shared_memory is True)], dtype=torch.int64,
-                            device=self.device)
-        return bool(self._all_reduce(flag, "max", fn).item())
 
     def _refuse(self, fn: str, why: str) -> None:
         self._sharing = "refused"
