@@ -21,8 +21,8 @@ import sys
 import torch
 
 from fdp._compat import storage_use_count
+from fdp.optim._into import BIG  # elements: smaller buffers come without page faults
 
-BIG = 1 << 15  # elements: smaller buffers come from malloc's arenas without page faults
 KEEP = 8  # buffers kept; the least recently used goes first
 
 
