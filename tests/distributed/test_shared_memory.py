@@ -285,3 +285,34 @@ def test_recycled_buffers_are_reused_only_once_nothing_holds_them():
     del parts, third
     assert pool.empty(torch.float32, BIG, torch.device("cpu")).data_ptr() == ptr  # dead now
     assert pool.empty(torch.float64, BIG, torch.device("cpu")).dtype == torch.float64
+
+
+def _float32_both(rows: int, overlap: bool) -> dict:
+    """A float32 model's value_and_grad and 2 SGD steps, through shared memory and gloo."""
+    torch.manual_seed(3)
+    model = fdp.functionalize(torch.nn.Sequential(
+        torch.nn.Linear(20, 300), torch.nn.Tanh(), torch.nn.Linear(300, 4)))
+    gen = torch.Generator().manual_seed(4)
+    batch = {"x": torch.randn(rows, 20, generator=gen), "y": torch.randint(0, 4, (rows,),
+                                                                            generator=gen)}
+
+    def loss_fn(p: dict, b: dict) -> torch.Tensor:
+        out = model.apply(p, model.buffers, b["x"])[0]
+        return torch.nn.functional.cross_entropy(out, b["y"])
+
+    out = {}
+    for shared in (True, False):
+        mesh = jobs.mesh_here(shared_memory=shared, overlap=overlap, bucket_mb=0.01)
+        loss, grads = fdp.value_and_grad(loss_fn, mesh)(model.params, batch)
+        step = fdp.data_parallel_step(loss_fn, fdp.optim.sgd(0.1), mesh)
+        state = fdp.TrainState.create(model.params, fdp.optim.sgd(0.1))
+        for _ in range(2):
+            state, _ = step(state, batch)
+        out[shared] = {"loss": loss, "grads": grads, "params": state.params}
+    return out
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_float32_sums_through_shared_memory_are_gloo_bits_on_two_ranks(pool, overlap):
+    for got in pool.run(_float32_both, 2, args=(13, overlap)):  # 13 rows: an uneven split
+        fdp.tree.map_with_path(lambda p, a, b: _bitwise(p, a, b), got[True], got[False])
