@@ -25,7 +25,7 @@ import torch
 from torch import fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fdp._compat import binding_namespaces, fx_can_name
+from fdp._compat import binding_namespaces, fx_can_name, pytree
 
 __all__ = ["bind_fast"]
 
@@ -42,7 +42,7 @@ class _Recorder(TorchDispatchMode):
                            kwargs: dict | None = None) -> Any:
         if func.namespace != "prim":
             self.seen.append(func)
-            self.tensors = [id(x) for x in _leaves((args, kwargs or {}))
+            self.tensors = [id(x) for x in pytree.tree_leaves((args, kwargs or {}))
                             if isinstance(x, torch.Tensor)]
         return func(*args, **(kwargs or {}))
 
@@ -72,8 +72,9 @@ def _binding(node: fx.Node) -> Callable[..., Any] | None:
             or op.namespace != "aten" or op._schema.is_mutable:
         return None
     want = node.meta.get("val")
-    args, kwargs = _fake(node.args), _fake(node.kwargs)
-    fakes = [x for x in _leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+    # each graph node replaced by the fake tensor it was traced as
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
+    fakes = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
     mode = getattr(fakes[0], "fake_mode", None) if fakes else None
     if not isinstance(want, torch.Tensor) or mode is None:
         return None
@@ -103,25 +104,3 @@ def _candidates(op: torch._ops.OpOverload) -> Iterator[Callable[..., Any]]:
     method = getattr(torch.Tensor, name, None)
     if callable(method):
         yield method
-
-
-def _fake(value: Any) -> Any:
-    """``value`` with every graph node replaced by the fake tensor it was traced as."""
-    if isinstance(value, fx.Node):
-        return value.meta.get("val")
-    if isinstance(value, (list, tuple)):
-        return type(value)(_fake(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _fake(v) for k, v in value.items()}
-    return value
-
-
-def _leaves(value: Any) -> Iterator[Any]:
-    if isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _leaves(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _leaves(v)
-    else:
-        yield value
